@@ -1,0 +1,124 @@
+"""The cascade decision, free of any transport: which inputs escalate, and what is answered.
+
+The gateway asks the student, calls :func:`decide`, sends the escalated inputs to the
+teacher, and turns the results into outputs and escalation records with the helpers here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.config import CascadeConfig
+from serving.escalation_log import EscalationRecord, Reason
+from serving.manifest import ModelManifest
+from serving.schemas import ClassifyOutput, Tier
+from serving.scoring import get_scorer, should_escalate
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    value: float
+    description: str
+
+
+def resolve_threshold(cascade: CascadeConfig, manifest: ModelManifest | None) -> ThresholdRule:
+    """The threshold for this student version: given in the config, or derived from the
+    version's calibration for the config's target (else the target stored with it)."""
+    if cascade.threshold is not None:
+        return ThresholdRule(cascade.threshold, f"fixed threshold {cascade.threshold}")
+    rate, agreement = cascade.target_escalation_rate, cascade.target_agreement
+    if rate is None and agreement is None and manifest and manifest.default_target:
+        rate = manifest.default_target.target_escalation_rate
+        agreement = manifest.default_target.target_agreement
+    if rate is None and agreement is None:
+        raise ValueError(
+            "no threshold: set cascade.threshold, cascade.target_escalation_rate or "
+            "cascade.target_agreement (the student's protege.json records no default target)"
+        )
+    if manifest is None or manifest.calibration is None:
+        raise ValueError(
+            "cascade targets need a student with calibration data in protege.json; "
+            "this student has none, so set cascade.threshold instead"
+        )
+    value = manifest.calibration.threshold(
+        cascade.scorer, target_escalation_rate=rate, target_agreement=agreement
+    )
+    target = f"escalation rate {rate}" if rate is not None else f"teacher agreement {agreement}"
+    return ThresholdRule(value, f"calibrated for {target} on {manifest.calibration.source}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    confidence: np.ndarray  # (n,)
+    escalate: np.ndarray  # (n,) bool
+    reason: Reason | None  # why the escalated ones escalate
+
+
+def decide(
+    probs: np.ndarray, scorer: str, threshold: float, force_tier: Tier | None = None
+) -> Decision:
+    confidence = get_scorer(scorer)(probs)
+    if force_tier == "teacher":
+        return Decision(confidence, np.ones(len(probs), dtype=bool), "forced")
+    if force_tier == "student":
+        return Decision(confidence, np.zeros(len(probs), dtype=bool), None)
+    return Decision(confidence, should_escalate(confidence, threshold), "low_confidence")
+
+
+def make_output(
+    probs: np.ndarray,
+    labels: list[str],
+    *,
+    confidence: float,
+    tier: Tier,
+    version: str,
+    escalated: bool,
+    degraded: bool = False,
+    truncated: bool = False,
+) -> ClassifyOutput:
+    return ClassifyOutput(
+        label=labels[int(np.argmax(probs))],
+        probabilities={label: round(float(p), 6) for label, p in zip(labels, probs, strict=True)},
+        confidence=round(float(confidence), 6),
+        tier=tier,
+        model_version=version,
+        escalated=escalated,
+        degraded=degraded,
+        truncated=truncated,
+    )
+
+
+def make_record(
+    *,
+    request_id: str,
+    index: int,
+    text: str,
+    reason: Reason,
+    labels: list[str],
+    student_version: str,
+    student_probs: np.ndarray,
+    scorer: str,
+    confidence: float,
+    threshold: float,
+    teacher_version: str,
+    teacher_probs: list[float],
+) -> EscalationRecord:
+    return EscalationRecord(
+        record_id=f"{request_id}:{index}",
+        request_id=request_id,
+        timestamp=time.time(),
+        text=text,
+        reason=reason,
+        labels=labels,
+        student_version=student_version,
+        student_probs=[float(p) for p in student_probs],
+        scorer=scorer,
+        confidence=float(confidence),
+        threshold=float(threshold),
+        teacher_version=teacher_version,
+        teacher_probs=[float(p) for p in teacher_probs],
+        teacher_label=labels[int(np.argmax(teacher_probs))],
+    )

@@ -1,0 +1,95 @@
+"""Load any Hugging Face sequence-classification folder and predict label distributions.
+
+The model never imports the transport: this module knows nothing of HTTP or Ray. The same
+code path loads the embedded defaults, the tiny test models and a user's own folder.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from serving import meanpool
+from serving.manifest import ModelManifest, read_manifest, weights_digest
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available here")
+    return torch.device(requested)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probs: np.ndarray  # (n, k) float32, rows sum to 1
+    truncated: list[bool]  # the text was longer than the model's window
+
+
+class Classifier:
+    """A loaded classifier: its version, labels, and a batched ``predict``."""
+
+    def __init__(self, folder: Path, device: str = "auto", max_tokens: int | None = None) -> None:
+        folder = Path(folder)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
+        meanpool.register()
+        self.folder = folder
+        self.device = pick_device(device)
+        self.manifest: ModelManifest | None = read_manifest(folder)
+        self.version = self.manifest.version if self.manifest else weights_digest(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            folder, use_safetensors=True
+        ).to(self.device)
+        self.model.eval()
+        config = self.model.config
+        self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        window = min(self.tokenizer.model_max_length, config.max_position_embeddings)
+        self.max_tokens = min(max_tokens or window, window)
+        if self.manifest and self.manifest.labels != self.labels:
+            raise ValueError(
+                f"{folder}: manifest labels {self.manifest.labels} differ from the model's "
+                f"{self.labels}"
+            )
+
+    @torch.inference_mode()
+    def predict(self, texts: list[str]) -> Prediction:
+        if not texts:
+            return Prediction(np.zeros((0, len(self.labels)), dtype=np.float32), [])
+        encoded = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        logits = self.model(**encoded).logits.float()
+        probs = torch.softmax(logits, dim=-1).cpu().numpy()
+        return Prediction(probs=probs, truncated=self._truncated(texts))
+
+    def warm_up(self) -> float:
+        """Run one small batch; returns its seconds (first calls pay one-off costs)."""
+        start = time.perf_counter()
+        self.predict(["warm up", "a second, longer warm-up input"])
+        return time.perf_counter() - start
+
+    def _truncated(self, texts: list[str]) -> list[bool]:
+        # a character yields at most 4 tokens (byte-level BPE, UTF-8) plus a few special
+        # tokens, so short texts cannot overflow: only long ones pay a second tokenization
+        flags = [False] * len(texts)
+        long = [i for i, t in enumerate(texts) if 4 * len(t) + 4 > self.max_tokens]
+        if long:
+            lengths = self.tokenizer(
+                [texts[i] for i in long], truncation=False, verbose=False
+            )["input_ids"]
+            for i, ids in zip(long, lengths, strict=True):
+                flags[i] = len(ids) > self.max_tokens
+        return flags

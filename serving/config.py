@@ -1,0 +1,112 @@
+"""The gateway's configuration: one pydantic model, one YAML file for local runs and the cluster.
+
+``deploy/serve_config.yaml`` passes these fields as the application's ``args``; every
+field has a default here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from serving.scoring import SCORERS
+
+DEFAULT_MAX_INPUTS = 64
+DEFAULT_MAX_CHARS = 4000
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    path: Path = Field(description="A Hugging Face sequence-classification folder")
+    max_tokens: PositiveInt | None = Field(
+        default=None, description="Truncate inputs to this many tokens (default: the window)"
+    )
+
+
+class CascadeConfig(_Strict):
+    scorer: str = Field(default="max_prob", description=f"One of {sorted(SCORERS)}")
+    threshold: float | None = Field(
+        default=None, ge=0, le=1, description="Escalate when confidence < threshold"
+    )
+    target_escalation_rate: float | None = Field(
+        default=None, ge=0, le=1, description="Derive the threshold from the version's calibration"
+    )
+    target_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="Derive the threshold for this teacher agreement"
+    )
+    audit_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="Share of confident inputs also sent to the teacher"
+    )
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, name: str) -> str:
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}")
+        return name
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> CascadeConfig:
+        given = {
+            k: v
+            for k, v in (
+                ("threshold", self.threshold),
+                ("target_escalation_rate", self.target_escalation_rate),
+                ("target_agreement", self.target_agreement),
+            )
+            if v is not None
+        }
+        if len(given) > 1:
+            raise ValueError(
+                f"give at most one of threshold, target_escalation_rate, target_agreement; got {given}"
+            )
+        return self
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: PositiveInt = Field(default=32, description="Inputs per model forward pass")
+    batch_wait_timeout_s: NonNegativeFloat = Field(
+        default=0.005, description="How long a batch waits to fill"
+    )
+
+
+class LimitsConfig(_Strict):
+    max_inputs: PositiveInt = Field(default=DEFAULT_MAX_INPUTS, description="Inputs per request")
+    max_chars: PositiveInt = Field(default=DEFAULT_MAX_CHARS, description="Characters per input")
+
+
+class LogConfig(_Strict):
+    dir: Path = Field(default=Path("var/escalations"), description="Escalation log folder")
+    max_segment_bytes: PositiveInt = Field(default=DEFAULT_SEGMENT_BYTES)
+    fsync_interval_s: PositiveFloat = Field(default=1.0)
+
+
+class GatewayConfig(_Strict):
+    student: ModelSpec
+    teacher: ModelSpec
+    cascade: CascadeConfig = CascadeConfig()
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    log: LogConfig = LogConfig()
+    teacher_timeout_s: PositiveFloat = Field(
+        default=10.0, description="After this, answer with the student and degraded=true"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: PositiveInt | None = Field(
+        default=None, description="torch intra-op threads per replica (Ray sets 1 otherwise)"
+    )

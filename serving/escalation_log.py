@@ -1,0 +1,194 @@
+"""The escalation log: durable, append-only JSON-lines segments, and a reader for them.
+
+Every escalated or audited input becomes one :class:`EscalationRecord`. Each writer (one
+per replica) owns its own segment files, so lines never interleave. A record is written
+and flushed to the kernel at once (it survives a crash of the process) and fsynced on a
+short interval and on close (it survives a crash of the machine). A segment rotates when
+it would pass ``max_segment_bytes``. A torn or corrupt line (a crash mid-write) is
+skipped and counted on read, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+SEGMENT_GLOB = "escalations-*.jsonl"
+
+Reason = Literal["low_confidence", "audit", "forced"]
+
+
+class EscalationRecord(BaseModel):
+    """One escalated or audited input with both models' full distributions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    record_id: str = Field(description="'<request_id>:<input index>', unique per input")
+    request_id: str
+    timestamp: float = Field(description="Unix seconds when the record was made")
+    text: str
+    reason: Reason
+    labels: list[str] = Field(description="Label names, the order of both vectors")
+    student_version: str
+    student_probs: list[float]
+    scorer: str
+    confidence: float
+    threshold: float
+    teacher_version: str
+    teacher_probs: list[float]
+    teacher_label: str
+    gold_label: str | None = None
+
+
+class EscalationLogWriter:
+    """Appends records to this writer's own rotating segment files (thread-safe)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        writer_id: str | None = None,
+        max_segment_bytes: int = 64 * 1024 * 1024,
+        fsync_interval_s: float = 1.0,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        safe_id = "".join(c if c.isalnum() else "_" for c in (writer_id or uuid.uuid4().hex[:8]))
+        self._prefix = f"escalations-{int(time.time() * 1000):013d}-{safe_id}-{os.getpid()}"
+        self._max_bytes = max_segment_bytes
+        self._lock = threading.Lock()
+        self._sequence = 0
+        self._file = self._open_segment()
+        self._dirty = False
+        self._closed = threading.Event()
+        self.records_written = 0
+        self.bytes_written = 0
+        self.rotations = 0
+        self._syncer = threading.Thread(
+            target=self._sync_loop, args=(fsync_interval_s,), daemon=True, name="log-fsync"
+        )
+        self._syncer.start()
+
+    @property
+    def current_segment(self) -> Path:
+        return Path(self._file.name)
+
+    def append(self, records: list[EscalationRecord]) -> None:
+        """Write records as whole lines and flush them to the kernel before returning."""
+        if not records:
+            return
+        payload = "".join(r.model_dump_json() + "\n" for r in records).encode()
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("escalation log writer is closed")
+            if self._file.tell() > 0 and self._file.tell() + len(payload) > self._max_bytes:
+                self._rotate()
+            self._file.write(payload)
+            self._file.flush()
+            self._dirty = True
+            self.records_written += len(records)
+            self.bytes_written += len(payload)
+
+    def sync(self) -> None:
+        """fsync the open segment if anything was written since the last sync."""
+        with self._lock:
+            if self._dirty and not self._file.closed:
+                os.fsync(self._file.fileno())
+                self._dirty = False
+
+    def close(self) -> None:
+        """Flush, fsync and close; idempotent."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        self._syncer.join(timeout=5)
+
+    def _open_segment(self):  # type: ignore[no-untyped-def]
+        self._sequence += 1
+        path = self.directory / f"{self._prefix}-{self._sequence:06d}.jsonl"
+        return open(path, "ab")  # noqa: SIM115 - owned by the writer until close()
+
+    def _rotate(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = self._open_segment()
+        self.rotations += 1
+
+    def _sync_loop(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            try:
+                self.sync()
+            except (OSError, ValueError):
+                pass  # a closed file during shutdown; close() syncs for us
+
+
+@dataclass
+class ReadStats:
+    """What a read found besides the records it returned."""
+
+    segments: int = 0
+    records: int = 0
+    skipped_lines: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)
+
+
+def list_segments(directory: Path) -> list[Path]:
+    """Segment files in write order (names start with the writer's start time)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"escalation log folder {directory} does not exist")
+    return sorted(directory.glob(SEGMENT_GLOB))
+
+
+def iter_segment(path: Path, stats: ReadStats | None = None) -> Iterator[EscalationRecord]:
+    """Records of one segment; torn, corrupt or foreign-schema lines are skipped and counted."""
+    stats = stats if stats is not None else ReadStats()
+    stats.segments += 1
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            problem = _line_problem(raw)
+            if problem is None:
+                try:
+                    record = EscalationRecord.model_validate_json(raw)
+                except ValidationError as exc:
+                    problem = f"invalid record ({exc.error_count()} errors)"
+                else:
+                    stats.records += 1
+                    yield record
+                    continue
+            stats.skipped_lines += 1
+            stats.skipped_reasons.append(f"{path.name}:{number}: {problem}")
+
+
+def iter_records(directory: Path, stats: ReadStats | None = None) -> Iterator[EscalationRecord]:
+    """Every readable record of every segment in ``directory``, in write order."""
+    for path in list_segments(directory):
+        yield from iter_segment(path, stats)
+
+
+def _line_problem(raw: bytes) -> str | None:
+    if not raw.endswith(b"\n"):
+        return "torn line (no newline: the writer crashed mid-write)"
+    try:
+        version = json.loads(raw).get("schema_version")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return "corrupt line (not a JSON object)"
+    if version != SCHEMA_VERSION:
+        return f"schema version {version!r}, this reader understands {SCHEMA_VERSION}"
+    return None

@@ -1,0 +1,113 @@
+"""The ``protege.json`` manifest that travels inside a model folder.
+
+A model folder is a plain Hugging Face classifier folder (config, safetensors, tokenizer).
+protege adds one file: the version id, the role, and the calibration scores from which
+any threshold target (escalation rate or agreement with the teacher) can be derived for
+that exact version. A folder without a manifest still serves: its version is the hash of
+its weights and its threshold must then be given in the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.scoring import SCORERS, threshold_for_agreement, threshold_for_rate
+
+MANIFEST_NAME = "protege.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+class Calibration(BaseModel):
+    """Per-input confidences of a student (one list per scorer) and its agreement with the
+    teacher on the same calibration traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="What traffic was scored, e.g. 'calibration: 4000 inputs'")
+    confidences: dict[str, list[float]]
+    agrees_with_teacher: list[bool]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Calibration:
+        n = len(self.agrees_with_teacher)
+        for name, scores in self.confidences.items():
+            if len(scores) != n:
+                raise ValueError(f"calibration scores for {name!r}: {len(scores)} values, {n} flags")
+        return self
+
+    def threshold(
+        self,
+        scorer: str,
+        *,
+        target_escalation_rate: float | None = None,
+        target_agreement: float | None = None,
+    ) -> float:
+        """The threshold of this version for one target (exactly one must be given)."""
+        if (target_escalation_rate is None) == (target_agreement is None):
+            raise ValueError("give exactly one of target_escalation_rate, target_agreement")
+        if scorer not in self.confidences:
+            raise ValueError(f"no calibration scores for scorer {scorer!r}")
+        scores = self.confidences[scorer]
+        if target_escalation_rate is not None:
+            return threshold_for_rate(scores, target_escalation_rate)
+        assert target_agreement is not None
+        return threshold_for_agreement(scores, self.agrees_with_teacher, target_agreement)
+
+
+class DefaultTarget(BaseModel):
+    """The threshold target recorded with a version, used when the config gives none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_escalation_rate: float | None = Field(default=None, ge=0, le=1)
+    target_agreement: float | None = Field(default=None, ge=0, le=1)
+
+
+class ModelManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    version: str
+    role: str = Field(description="'student' or 'teacher'")
+    parent: str | None = None
+    created_at: float
+    labels: list[str]
+    default_target: DefaultTarget | None = None
+    calibration: Calibration | None = None
+    eval: dict[str, float] = Field(default_factory=dict)
+
+
+def weights_digest(folder: Path) -> str:
+    """A short content address of a folder's safetensors weights."""
+    digest = hashlib.sha256()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no *.safetensors weights")
+    for path in files:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):  # type: ignore[misc]
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def read_manifest(folder: Path) -> ModelManifest | None:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    return ModelManifest.model_validate_json(path.read_text())
+
+
+def write_manifest(folder: Path, manifest: ModelManifest) -> None:
+    """Write then rename, so a reader never sees half a manifest."""
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.model_dump(), indent=1))
+    tmp.replace(path)
+
+
+def known_scorers() -> list[str]:
+    return sorted(SCORERS)
