@@ -61,5 +61,7 @@ def check_models(config: GatewayConfig) -> None:
 def build_app(args: dict[str, Any]) -> Application:
     config = load_config(args)
     check_models(config)
-    teacher = Teacher.bind(config.teacher, config.batching, config.device, config.torch_threads)
-    return Gateway.bind(config, teacher)
+    teacher = Teacher.bind(  # type: ignore[attr-defined]
+        config.teacher, config.batching, config.device, config.torch_threads
+    )
+    return Gateway.bind(config, teacher)  # type: ignore[attr-defined]

@@ -87,9 +87,9 @@ class Classifier:
         flags = [False] * len(texts)
         long = [i for i, t in enumerate(texts) if 4 * len(t) + 4 > self.max_tokens]
         if long:
-            lengths = self.tokenizer(
-                [texts[i] for i in long], truncation=False, verbose=False
-            )["input_ids"]
+            lengths = self.tokenizer([texts[i] for i in long], truncation=False, verbose=False)[
+                "input_ids"
+            ]
             for i, ids in zip(long, lengths, strict=True):
                 flags[i] = len(ids) > self.max_tokens
         return flags

@@ -57,7 +57,9 @@ class CascadeConfig(_Strict):
     @classmethod
     def _known_scorer(cls, name: str) -> str:
         if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}")
+            raise ValueError(
+                f"unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}"
+            )
         return name
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ def _describe(error: dict[str, Any]) -> str:
     location = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
     message = error.get("msg", "invalid")
     if error.get("type") == "json_invalid":
-        return "body: not valid JSON; send a JSON object such as {\"inputs\": [\"some text\"]}"
+        return 'body: not valid JSON; send a JSON object such as {"inputs": ["some text"]}'
     if error.get("type") == "extra_forbidden":
         return f"{location}: unknown field; allowed fields are inputs, threshold, force_tier"
     given = error.get("input")

@@ -10,6 +10,7 @@ skipped and counted on read, never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -118,10 +119,10 @@ class EscalationLogWriter:
             self._file.close()
         self._syncer.join(timeout=5)
 
-    def _open_segment(self):  # type: ignore[no-untyped-def]
+    def _open_segment(self) -> BinaryIO:
         self._sequence += 1
         path = self.directory / f"{self._prefix}-{self._sequence:06d}.jsonl"
-        return open(path, "ab")  # noqa: SIM115 - owned by the writer until close()
+        return open(path, "ab")  # owned by the writer until close()
 
     def _rotate(self) -> None:
         self._file.flush()
@@ -132,10 +133,8 @@ class EscalationLogWriter:
 
     def _sync_loop(self, interval: float) -> None:
         while not self._closed.wait(interval):
-            try:
+            with contextlib.suppress(OSError, ValueError):  # closed during shutdown
                 self.sync()
-            except (OSError, ValueError):
-                pass  # a closed file during shutdown; close() syncs for us
 
 
 @dataclass

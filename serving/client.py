@@ -1,0 +1,176 @@
+"""A small typed client for the protege HTTP API (sync and async), on httpx.
+
+    from serving.client import ProtegeClient
+    with ProtegeClient("http://127.0.0.1:8000") as client:
+        result = client.classify(["Shares slide as oil prices jump"])
+        print(result.outputs[0].label, result.outputs[0].tier)
+
+It retries 502/503/504 answers and refused connections with exponential backoff (a
+replica starting or draining), never a 4xx: those raise :class:`ProtegeError` with the
+server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from serving.schemas import ClassifyResponse, ModelsResponse, Tier
+
+RETRY_STATUS = frozenset({502, 503, 504})
+
+
+class ProtegeError(RuntimeError):
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(f"HTTP {status_code}: {message}")
+        self.status_code = status_code
+        self.message = message
+
+
+def _body(
+    inputs: str | Sequence[str], threshold: float | None, force_tier: Tier | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": inputs if isinstance(inputs, str) else list(inputs)}
+    if threshold is not None:
+        body["threshold"] = threshold
+    if force_tier is not None:
+        body["force_tier"] = force_tier
+    return body
+
+
+def _headers(request_id: str | None) -> dict[str, str]:
+    return {"x-request-id": request_id} if request_id else {}
+
+
+def _checked(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json()
+    try:
+        message = response.json().get("error", response.text)
+    except ValueError:
+        message = response.text
+    raise ProtegeError(response.status_code, message)
+
+
+class ProtegeClient:
+    def __init__(
+        self, base_url: str, *, timeout: float = 30.0, retries: int = 4, backoff_s: float = 0.2
+    ) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+        self.retries, self.backoff_s = retries, backoff_s
+
+    def classify(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        threshold: float | None = None,
+        force_tier: Tier | None = None,
+        request_id: str | None = None,
+    ) -> ClassifyResponse:
+        response = self._send(
+            "POST",
+            "/v1/classify",
+            json=_body(inputs, threshold, force_tier),
+            headers=_headers(request_id),
+        )
+        return ClassifyResponse.model_validate(_checked(response))
+
+    def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate(_checked(self._send("GET", "/v1/models")))
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"gateway at {self._http.base_url} not ready after {timeout_s} s"
+                )
+            time.sleep(0.25)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ProtegeClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, url, **kwargs)
+                if response.status_code not in RETRY_STATUS or attempt == self.retries:
+                    return response
+            except httpx.ConnectError:
+                if attempt == self.retries:
+                    raise
+            time.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+class AsyncProtegeClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff_s: float = 0.2,
+        max_connections: int = 100,
+    ) -> None:
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits)
+        self.retries, self.backoff_s = retries, backoff_s
+
+    async def classify(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        threshold: float | None = None,
+        force_tier: Tier | None = None,
+        request_id: str | None = None,
+    ) -> ClassifyResponse:
+        response = await self._send(
+            "POST",
+            "/v1/classify",
+            json=_body(inputs, threshold, force_tier),
+            headers=_headers(request_id),
+        )
+        return ClassifyResponse.model_validate(_checked(response))
+
+    async def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate(_checked(await self._send("GET", "/v1/models")))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncProtegeClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self._http.request(method, url, **kwargs)
+                if response.status_code not in RETRY_STATUS or attempt == self.retries:
+                    return response
+            except httpx.ConnectError:
+                if attempt == self.retries:
+                    raise
+            await asyncio.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")

@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny mean-pooled student and a tiny plain BERT teacher, same labels."""
+    from tiny_models import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    student = build_tiny(root / "student", seed=1, mean_pool=True)
+    teacher = build_tiny(root / "teacher", seed=2, mean_pool=False)
+    return student, teacher

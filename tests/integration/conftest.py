@@ -1,0 +1,70 @@
+"""One real local Ray Serve per test session, on 127.0.0.1, with tiny random models."""
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from serving.client import ProtegeClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], object], timeout_s: float = 30.0, every_s: float = 0.1
+) -> object:
+    """Poll until ``condition()`` is truthy; fail with a clear message otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(every_s)
+
+
+@pytest.fixture(scope="session")
+def serve_cluster() -> Iterator[int]:
+    from serving import local_ray
+
+    port = free_port()
+    local_ray.start(http_port=port, metrics_port=free_port())
+    yield port
+    local_ray.stop()
+
+
+@pytest.fixture(scope="session")
+def deploy(serve_cluster) -> Callable[[str, dict], ProtegeClient]:
+    """Deploy the gateway under ``/<name>`` and return a client for it."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    def _deploy(name: str, config: dict) -> ProtegeClient:
+        serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+        client = ProtegeClient(f"http://127.0.0.1:{serve_cluster}/{name}", timeout=60)
+        client.wait_ready(120)
+        return client
+
+    return _deploy
+
+
+def tiny_config(tiny_pair: tuple[Path, Path], log_dir: Path, **overrides) -> dict:
+    student, teacher = tiny_pair
+    config = {
+        "student": {"path": str(student)},
+        "teacher": {"path": str(teacher)},
+        "cascade": {"threshold": 0.5},
+        "log": {"dir": str(log_dir), "fsync_interval_s": 0.2},
+        "limits": {"max_inputs": 8, "max_chars": 300},
+        "torch_threads": 1,
+    }
+    config.update(overrides)
+    return config

@@ -1,0 +1,65 @@
+"""The real default-model code path end to end, on the lighter ``lite`` pair so CI stays fast:
+real MiniLM weights and real BBC data, built by `protege models build --profile lite`
+(MiniLM teacher, 2-layer MiniLM student), then served from deploy/serve_config.yaml."""
+
+from pathlib import Path
+
+import pytest
+from ray import serve
+
+from distill.bbc import LABELS
+from distill.defaults import build_defaults
+from protege.gateway_process import load_serve_config
+from serving.app import build_app
+from serving.client import ProtegeClient
+from serving.escalation_log import iter_records
+from serving.manifest import read_manifest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def lite_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    build_defaults(cache, "lite", device="cpu")
+    return cache
+
+
+def test_build_writes_a_report_and_is_idempotent(lite_cache):
+    report = build_defaults(lite_cache, "lite")
+    figures = report["holdout"]
+    assert figures["holdout_headlines"] > 300
+    assert 0.2 < figures["student_accuracy"] <= 1 and 0.2 < figures["teacher_accuracy"] <= 1
+    weights = lite_cache / "models" / "student" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert build_defaults(lite_cache, "lite") == report
+    assert weights.stat().st_mtime_ns == before  # nothing retrained
+    split = (lite_cache / "data" / "split.json").read_text()
+    assert "sha256" in split and "BBC copyright" in split
+
+
+def test_default_models_serve_from_the_shipped_config(lite_cache, serve_cluster, tmp_path):
+    config = load_serve_config(
+        Path("deploy/serve_config.yaml"), lite_cache, log={"dir": str(tmp_path)}
+    )
+    app = config["applications"][0]
+    serve.run(build_app(app["args"]), name="defaults", route_prefix="/defaults")
+    student = read_manifest(lite_cache / "models" / "student")
+    assert student is not None and student.calibration is not None
+    with ProtegeClient(f"http://127.0.0.1:{serve_cluster}/defaults", timeout=60) as client:
+        client.wait_ready(120)
+        models = client.models()
+        assert models.student.version == student.version
+        assert "calibrated for teacher agreement" in models.threshold_rule
+        assert models.threshold == pytest.approx(
+            student.calibration.threshold(
+                "max_prob", target_agreement=student.default_target.target_agreement
+            )
+        )
+        result = client.classify(
+            ["Chancellor unveils budget tax cuts", "Arsenal beat Chelsea in cup"],
+            force_tier="teacher",
+            request_id="e2e",
+        )
+    assert all(o.label in LABELS and o.tier == "teacher" for o in result.outputs)
+    assert sorted(r.record_id for r in iter_records(tmp_path)) == ["e2e:0", "e2e:1"]

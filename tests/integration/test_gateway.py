@@ -1,0 +1,176 @@
+"""The cascade on a real local Ray Serve: decisions, tiers, versions, the log, bad input."""
+
+import httpx
+import numpy as np
+import pytest
+from conftest import tiny_config, wait_for
+
+from serving.classifier import Classifier
+from serving.client import ProtegeClient, ProtegeError
+from serving.escalation_log import iter_records
+from serving.scoring import get_scorer
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [
+    "Shares slide as oil prices jump",
+    "Film star wins award at festival",
+    "Minister defends new budget plan",
+    "Striker scores twice in cup final",
+    "Chip maker unveils faster phone processor",
+    "Bank raises interest rates again",
+    "Band announces world tour dates",
+    "Election campaign enters final week",
+]
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("escalations")
+
+
+@pytest.fixture(scope="module")
+def client(deploy, tiny_pair, log_dir) -> ProtegeClient:
+    return deploy(
+        "main", tiny_config(tiny_pair, log_dir, cascade={"threshold": 0.5, "audit_fraction": 1.0})
+    )
+
+
+@pytest.fixture(scope="module")
+def student(tiny_pair) -> Classifier:
+    return Classifier(tiny_pair[0], device="cpu")
+
+
+def median_confidence(client: ProtegeClient) -> float:
+    kept = client.classify(TEXTS, force_tier="student").outputs
+    return float(np.median([o.confidence for o in kept]))
+
+
+def test_escalates_exactly_when_confidence_is_below_threshold(client, student):
+    threshold = median_confidence(client)
+    outputs = client.classify(TEXTS, threshold=threshold).outputs
+    expected = get_scorer("max_prob")(student.predict(TEXTS).probs)
+    assert [o.confidence for o in outputs] == pytest.approx(expected.tolist(), abs=1e-5)
+    models = client.models()
+    escalated = [o.escalated for o in outputs]
+    assert escalated == [c < threshold for c in expected]
+    assert any(escalated) and not all(escalated)  # a real split, per input within one batch
+    for output in outputs:
+        assert output.tier == ("teacher" if output.escalated else "student")
+        tier_model = models.teacher if output.escalated else models.student
+        assert output.model_version == tier_model.version
+        assert abs(sum(output.probabilities.values()) - 1) < 1e-4
+        assert output.label == max(output.probabilities, key=output.probabilities.get)
+
+
+def test_answers_carry_the_versions_of_both_tiers(client, student):
+    models = client.models()
+    assert models.student.version == student.version
+    assert models.threshold == 0.5 and models.scorer == "max_prob"
+    student_out = client.classify(TEXTS[0], force_tier="student").outputs[0]
+    teacher_out = client.classify(TEXTS[0], force_tier="teacher").outputs[0]
+    assert (student_out.tier, student_out.model_version) == ("student", models.student.version)
+    assert (teacher_out.tier, teacher_out.model_version) == ("teacher", models.teacher.version)
+    assert teacher_out.escalated and not teacher_out.degraded
+
+
+def test_single_input_headers_and_request_id(client, serve_cluster):
+    response = httpx.post(
+        f"http://127.0.0.1:{serve_cluster}/main/v1/classify",
+        json={"inputs": TEXTS[1], "force_tier": "teacher"},
+        headers={"x-request-id": "my-request-7"},
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["request_id"] == "my-request-7" == response.headers["x-request-id"]
+    assert response.headers["x-protege-tier"] == "teacher"
+    assert response.headers["x-protege-model-version"] == body["outputs"][0]["model_version"]
+
+
+def test_escalations_and_audits_land_in_the_log_with_both_distributions(client, log_dir):
+    threshold = median_confidence(client)
+    result = client.classify(TEXTS, threshold=threshold, request_id="log-check-1")
+    wanted = {f"log-check-1:{i}": o for i, o in enumerate(result.outputs)}
+
+    def records():
+        found = {r.record_id: r for r in iter_records(log_dir) if r.request_id == "log-check-1"}
+        return found if len(found) == len(wanted) else None
+
+    found = wait_for(records)  # audits of the kept inputs are written off the response path
+    assert isinstance(found, dict)
+    for record_id, output in wanted.items():
+        record = found[record_id]
+        assert record.reason == ("low_confidence" if output.escalated else "audit")
+        assert record.threshold == pytest.approx(threshold)
+        assert record.confidence == pytest.approx(output.confidence, abs=1e-5)
+        assert len(record.student_probs) == len(record.teacher_probs) == 5
+        assert sum(record.teacher_probs) == pytest.approx(1, abs=1e-4)
+        assert record.labels == list(output.probabilities)
+        if output.escalated:
+            assert record.teacher_probs == pytest.approx(
+                list(output.probabilities.values()), abs=1e-5
+            )
+            assert record.teacher_version == output.model_version
+
+
+def test_forced_escalations_are_logged_as_forced(client, log_dir):
+    client.classify(TEXTS[:2], force_tier="teacher", request_id="forced-1")
+    found = [r for r in iter_records(log_dir) if r.request_id == "forced-1"]
+    assert sorted(r.record_id for r in found) == ["forced-1:0", "forced-1:1"]
+    assert {r.reason for r in found} == {"forced"}
+
+
+def test_text_longer_than_the_window_is_truncated_and_says_so(client):
+    long_text = "markets " * 37  # 296 characters: under max_chars, over the 64-token window
+    short, long = client.classify([TEXTS[0], long_text], force_tier="student").outputs
+    assert not short.truncated and long.truncated
+
+
+BAD_BODIES = [
+    ({"inputs": []}, 422, "inputs: must hold at least one text"),
+    ({"inputs": ["   "]}, 422, "inputs.0: is empty or only whitespace"),
+    ({"inputs": ["ok", 5]}, 422, "inputs.1: Input should be a valid string"),
+    ({"inputs": "x" * 301}, 422, "inputs.0: 301 characters, more than the maximum of 300"),
+    ({"inputs": ["a"] * 9}, 422, "9 texts, more than the maximum of 8"),
+    ({"inputs": ["ok"], "colour": "red"}, 422, "colour: unknown field"),
+    ({"inputs": ["ok"], "threshold": 2}, 422, "threshold: Input should be less than or equal to 1"),
+    ({"inputs": ["ok"], "force_tier": "oracle"}, 422, "force_tier"),
+    ({}, 422, "inputs: Field required"),
+    ([1, 2], 422, "Input should be a valid dictionary"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD_BODIES)
+def test_bad_input_gets_a_4xx_naming_the_field(client, serve_cluster, body, status, message):
+    response = httpx.post(f"http://127.0.0.1:{serve_cluster}/main/v1/classify", json=body)
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+def test_body_that_is_not_json_gets_400(client, serve_cluster):
+    response = httpx.post(
+        f"http://127.0.0.1:{serve_cluster}/main/v1/classify",
+        content=b"{inputs: nope",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]
+
+
+def test_client_raises_the_servers_message(client):
+    with pytest.raises(ProtegeError, match="is empty or only whitespace") as info:
+        client.classify([""])
+    assert info.value.status_code == 422
+
+
+def test_bad_input_never_harms_the_replica(client, serve_cluster):
+    url = f"http://127.0.0.1:{serve_cluster}/main/v1/classify"
+    for body, _, _ in BAD_BODIES * 3:
+        httpx.post(url, json=body)
+    assert client.classify(TEXTS).outputs  # still answering, same replica
+    assert httpx.get(f"http://127.0.0.1:{serve_cluster}/main/healthz").json() == {"status": "alive"}
+
+
+def test_openapi_docs_are_served(client, serve_cluster):
+    spec = httpx.get(f"http://127.0.0.1:{serve_cluster}/main/openapi.json").json()
+    assert "/v1/classify" in spec["paths"]

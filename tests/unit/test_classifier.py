@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+from serving.classifier import Classifier, pick_device
+
+
+def test_loads_any_hf_classifier_folder_with_its_labels(tiny_pair):
+    for folder in tiny_pair:
+        model = Classifier(folder, device="cpu")
+        assert model.labels == ["business", "entertainment", "politics", "sport", "tech"]
+        prediction = model.predict(["one text", "another, different text"])
+        assert prediction.probs.shape == (2, 5)
+        np.testing.assert_allclose(prediction.probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_mean_pooled_student_is_an_auto_class(tiny_pair):
+    from serving import meanpool
+
+    meanpool.register()
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pair[0])
+    assert type(model).__name__ == "BertMeanPoolForSequenceClassification"
+
+
+def test_version_is_a_content_address(tiny_pair):
+    a, b = Classifier(tiny_pair[0], "cpu"), Classifier(tiny_pair[0], "cpu")
+    assert a.version == b.version != Classifier(tiny_pair[1], "cpu").version
+
+
+def test_truncation_is_reported(tiny_pair):
+    model = Classifier(tiny_pair[0], "cpu")  # 64-token window
+    flags = model.predict(["short", "word " * 100, "x" * 10]).truncated
+    assert flags == [False, True, False]
+
+
+def test_missing_folder_and_unavailable_cuda_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        Classifier(tmp_path)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")

@@ -1,0 +1,59 @@
+"""The client's retry and error behaviour against a scripted transport (the server is not
+what these tests are about; the integration tests use the real one)."""
+
+import httpx
+import pytest
+
+from serving.client import ProtegeClient, ProtegeError
+
+OK = {
+    "request_id": "r1",
+    "outputs": [
+        {
+            "label": "sport",
+            "probabilities": {"sport": 0.9, "tech": 0.1},
+            "confidence": 0.9,
+            "tier": "student",
+            "model_version": "s1",
+            "escalated": False,
+        }
+    ],
+}
+
+
+def client_with(responses: list[httpx.Response], seen: list[httpx.Request]) -> ProtegeClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return responses.pop(0)
+
+    client = ProtegeClient("http://gateway", backoff_s=0.0)
+    client._http = httpx.Client(base_url="http://gateway", transport=httpx.MockTransport(handler))
+    return client
+
+
+def test_retries_503_then_succeeds():
+    seen: list[httpx.Request] = []
+    client = client_with(
+        [httpx.Response(503), httpx.Response(503), httpx.Response(200, json=OK)], seen
+    )
+    result = client.classify("Striker scores", request_id="r1")
+    assert result.outputs[0].label == "sport" and len(seen) == 3
+    assert seen[0].headers["x-request-id"] == "r1"
+
+
+def test_gives_up_after_the_retry_budget():
+    seen: list[httpx.Request] = []
+    client = client_with([httpx.Response(503)] * 5, seen)
+    with pytest.raises(ProtegeError) as info:
+        client.classify("x")
+    assert info.value.status_code == 503 and len(seen) == 5
+
+
+def test_4xx_is_not_retried_and_carries_the_message():
+    seen: list[httpx.Request] = []
+    client = client_with(
+        [httpx.Response(422, json={"error": "inputs: must hold at least one text"})], seen
+    )
+    with pytest.raises(ProtegeError, match="must hold at least one text"):
+        client.classify([])
+    assert len(seen) == 1

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from serving.scoring import (
+    SCORERS,
+    get_scorer,
+    should_escalate,
+    threshold_for_agreement,
+    threshold_for_rate,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def random_probs(n: int = 200, k: int = 5) -> np.ndarray:
+    logits = RNG.normal(scale=3.0, size=(n, k))
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_scores_lie_in_unit_interval(name):
+    scores = get_scorer(name)(random_probs())
+    assert scores.shape == (200,)
+    assert np.all((scores >= 0) & (scores <= 1))
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_uniform_is_least_confident_and_one_hot_most(name):
+    probs = random_probs()
+    scorer = get_scorer(name)
+    uniform = scorer(np.full((1, 5), 0.2))[0]
+    one_hot = scorer(np.eye(5)[:1])[0]
+    assert np.all(scorer(probs) >= uniform - 1e-9)
+    assert np.all(scorer(probs) <= one_hot + 1e-9)
+    assert one_hot == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_invariant_to_a_shift_of_the_logits(name):
+    logits = RNG.normal(size=(50, 5))
+
+    def softmax(x):
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    scorer = get_scorer(name)
+    np.testing.assert_allclose(scorer(softmax(logits)), scorer(softmax(logits + 7.5)), atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_invariant_to_label_order(name):
+    probs = random_probs(20)
+    scorer = get_scorer(name)
+    np.testing.assert_allclose(scorer(probs), scorer(probs[:, ::-1]), atol=1e-12)
+
+
+def test_unknown_scorer_lists_known_ones():
+    with pytest.raises(ValueError, match="known scorers: margin, max_prob, neg_entropy"):
+        get_scorer("vibes")
+
+
+def test_escalate_strictly_below_threshold():
+    assert should_escalate(np.array([0.49, 0.5, 0.51]), 0.5).tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.25, 0.5, 0.9, 1.0])
+def test_rate_threshold_escalates_at_most_the_target(rate):
+    scores = RNG.uniform(size=1000)
+    threshold = threshold_for_rate(scores, rate)
+    realised = should_escalate(scores, threshold).mean()
+    assert realised <= rate + 1e-9
+    assert realised >= rate - 0.002  # distinct scores: the budget is used
+
+
+def test_rate_threshold_keeps_ties_together():
+    scores = [0.1, 0.5, 0.5, 0.5, 0.9]
+    assert threshold_for_rate(scores, 0.4) == 0.5  # escalating one 0.5 would split a tie
+    assert should_escalate(np.array(scores), 0.5).sum() == 1
+
+
+def test_agreement_threshold_is_the_smallest_reaching_the_target():
+    confidences = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    agrees = [False, False, True, False, True, True, True, True, True, True]
+    # escalating the 4 lowest fixes every disagreement: 100 %; the 2 lowest give 90 %
+    assert threshold_for_agreement(confidences, agrees, 1.0) == 0.5
+    assert threshold_for_agreement(confidences, agrees, 0.9) == 0.3
+    assert threshold_for_agreement(confidences, agrees, 0.7) == 0.1  # no escalation needed
+
+
+def test_agreement_target_met_on_random_data():
+    confidences = RNG.uniform(size=2000)
+    agrees = RNG.uniform(size=2000) < confidences  # confident inputs agree more often
+    for target in (0.8, 0.9, 0.95, 0.99):
+        t = threshold_for_agreement(confidences, agrees, target)
+        escalate = confidences < t
+        assert (escalate | agrees).mean() >= target - 1e-9
+
+
+def test_thresholds_reject_bad_targets():
+    with pytest.raises(ValueError, match="target_rate must lie in"):
+        threshold_for_rate([0.5], 1.5)
+    with pytest.raises(ValueError, match="empty"):
+        threshold_for_rate([], 0.5)
+    with pytest.raises(ValueError, match="equal length"):
+        threshold_for_agreement([0.1, 0.2], [True], 0.9)
