@@ -24,6 +24,10 @@ DEFAULT_METRICS_PORT = 8080
 Ingress = Literal["proxy", "haproxy"]
 
 QUIET_ENV = {
+    # Ray's single-machine mode: every Ray process (raylet, GCS, agents, workers) then
+    # resolves its node address to 127.0.0.1; `_node_ip_address` alone left the dashboard
+    # and runtime-env agents on the machine's external address and gRPC on all interfaces.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

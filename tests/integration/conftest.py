@@ -35,25 +35,31 @@ def serve_cluster() -> Iterator[int]:
     from serving import local_ray
 
     port = free_port()
-    local_ray.start(http_port=port, metrics_port=free_port())
+    # logical CPUs: several small apps share this 2-core machine during the session
+    local_ray.start(http_port=port, metrics_port=free_port(), num_cpus=16)
     yield port
     local_ray.stop()
 
 
-@pytest.fixture(scope="session")
-def deploy(serve_cluster) -> Callable[[str, dict], ProtegeClient]:
-    """Deploy the gateway under ``/<name>`` and return a client for it."""
+@pytest.fixture(scope="module")
+def deploy(serve_cluster) -> Iterator[Callable[[str, dict], ProtegeClient]]:
+    """Deploy the gateway under ``/<name>`` and return a client; deleted after the module."""
     from ray import serve
 
     from serving.app import build_app
 
+    names: list[str] = []
+
     def _deploy(name: str, config: dict) -> ProtegeClient:
         serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+        names.append(name)
         client = ProtegeClient(f"http://127.0.0.1:{serve_cluster}/{name}", timeout=60)
         client.wait_ready(120)
         return client
 
-    return _deploy
+    yield _deploy
+    for name in names:
+        serve.delete(name)
 
 
 def tiny_config(tiny_pair: tuple[Path, Path], log_dir: Path, **overrides) -> dict:

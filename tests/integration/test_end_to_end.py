@@ -5,13 +5,10 @@ real MiniLM weights and real BBC data, built by `protege models build --profile 
 from pathlib import Path
 
 import pytest
-from ray import serve
 
 from distill.bbc import LABELS
 from distill.defaults import build_defaults
 from protege.gateway_process import load_serve_config
-from serving.app import build_app
-from serving.client import ProtegeClient
 from serving.escalation_log import iter_records
 from serving.manifest import read_manifest
 
@@ -38,28 +35,23 @@ def test_build_writes_a_report_and_is_idempotent(lite_cache):
     assert "sha256" in split and "BBC copyright" in split
 
 
-def test_default_models_serve_from_the_shipped_config(lite_cache, serve_cluster, tmp_path):
+def test_default_models_serve_from_the_shipped_config(lite_cache, deploy, tmp_path):
     config = load_serve_config(
         Path("deploy/serve_config.yaml"), lite_cache, log={"dir": str(tmp_path)}
     )
-    app = config["applications"][0]
-    serve.run(build_app(app["args"]), name="defaults", route_prefix="/defaults")
+    client = deploy("defaults", config["applications"][0]["args"])
     student = read_manifest(lite_cache / "models" / "student")
     assert student is not None and student.calibration is not None
-    with ProtegeClient(f"http://127.0.0.1:{serve_cluster}/defaults", timeout=60) as client:
-        client.wait_ready(120)
-        models = client.models()
-        assert models.student.version == student.version
-        assert "calibrated for teacher agreement" in models.threshold_rule
-        assert models.threshold == pytest.approx(
-            student.calibration.threshold(
-                "max_prob", target_agreement=student.default_target.target_agreement
-            )
+    assert student.default_target is not None
+    models = client.models()
+    assert models.student.version == student.version
+    assert "calibrated for teacher agreement" in models.threshold_rule
+    assert models.threshold == pytest.approx(
+        student.calibration.threshold(
+            "max_prob", target_agreement=student.default_target.target_agreement
         )
-        result = client.classify(
-            ["Chancellor unveils budget tax cuts", "Arsenal beat Chelsea in cup"],
-            force_tier="teacher",
-            request_id="e2e",
-        )
+    )
+    texts = ["Chancellor unveils budget tax cuts", "Arsenal beat Chelsea in cup"]
+    result = client.classify(texts, force_tier="teacher", request_id="e2e")
     assert all(o.label in LABELS and o.tier == "teacher" for o in result.outputs)
     assert sorted(r.record_id for r in iter_records(tmp_path)) == ["e2e:0", "e2e:1"]

@@ -121,7 +121,7 @@ def test_forced_escalations_are_logged_as_forced(client, log_dir):
 
 
 def test_text_longer_than_the_window_is_truncated_and_says_so(client):
-    long_text = "markets " * 37  # 296 characters: under max_chars, over the 64-token window
+    long_text = "a " * 100  # 200 characters (under max_chars), 100 tokens (over the 64 window)
     short, long = client.classify([TEXTS[0], long_text], force_tier="student").outputs
     assert not short.truncated and long.truncated
 
