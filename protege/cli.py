@@ -47,13 +47,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_serve_config(args.config)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with running_gateway(
         config, port=args.port, metrics_port=args.metrics_port, ingress=args.ingress
     ) as url:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # after ray.init, which sets its own
         print(f"protege is serving at {url} (docs: {url}/docs); Ctrl-C stops it", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
+            while not stop.wait(0.5):
+                pass
     return 0
 
 
