@@ -138,41 +138,29 @@ class Gateway:
         decision = decide(probs, self.config.cascade.scorer, threshold, request.force_tier)
         escalated = np.flatnonzero(decision.escalate).tolist()
         answers = await self._ask_teacher([texts[i] for i in escalated]) if escalated else None
+        by_teacher = dict(zip(escalated, answers, strict=True)) if answers else {}
+        degraded = bool(escalated) and answers is None
 
-        outputs = [
-            self._student_output(probs[i], decision, i, truncated[i]) for i in range(len(texts))
-        ]
-        if answers is None and escalated:
-            for i in escalated:
-                outputs[i] = self._student_output(
-                    probs[i], decision, i, truncated[i], degraded=True
-                )
-        elif answers is not None:
-            records = []
-            for i, answer in zip(escalated, answers, strict=True):
-                outputs[i] = make_output(
-                    np.asarray(answer["probs"]),
-                    self.student.labels,
-                    confidence=decision.confidence[i],
-                    tier="teacher",
-                    version=answer["version"],
-                    escalated=True,
-                    truncated=answer["truncated"],
-                )
-                assert decision.reason is not None
-                records.append(
-                    self._record(
-                        request_id,
-                        i,
-                        texts[i],
-                        decision,
-                        probs[i],
-                        threshold,
-                        answer,
-                        decision.reason,
+        outputs = []
+        for i in range(len(texts)):
+            if i in by_teacher:
+                outputs.append(self._teacher_output(by_teacher[i], decision.confidence[i]))
+            else:
+                escalated_here = bool(decision.escalate[i])
+                outputs.append(
+                    self._student_output(
+                        probs[i], decision, i, truncated[i], degraded and escalated_here
                     )
                 )
-            self._write(records)
+        if by_teacher:
+            assert decision.reason is not None  # set whenever anything escalates
+            reason = decision.reason
+            self._write(
+                [
+                    self._record(request_id, i, texts[i], decision, probs[i], threshold, a, reason)
+                    for i, a in by_teacher.items()
+                ]
+            )
         self._maybe_audit(request_id, texts, probs, decision, threshold)
         return outputs
 
@@ -193,6 +181,17 @@ class Gateway:
                 call.cancel()
             logger.warning("teacher failed for %d inputs, answering degraded: %r", len(texts), exc)
             return None
+
+    def _teacher_output(self, answer: dict[str, Any], confidence: float) -> ClassifyOutput:
+        return make_output(
+            np.asarray(answer["probs"]),
+            self.student.labels,
+            confidence=confidence,
+            tier="teacher",
+            version=answer["version"],
+            escalated=True,
+            truncated=answer["truncated"],
+        )
 
     def _student_output(
         self, probs: np.ndarray, decision: Decision, i: int, truncated: bool, degraded: bool = False

@@ -62,6 +62,11 @@ def start(
         os.environ.setdefault(key, value)
     import ray
     from ray import serve
+    from ray._private import ray_constants
+
+    # Ray reads the flag once, at import: if this process imported Ray before the line
+    # above, the driver would still pick the external address and hand it to the agents.
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
 
     ray.init(
         address="local",
