@@ -37,7 +37,8 @@ def run_demo(
         max(0, stream_size - len(bbc.read_split(data, "stream"))),
     )
     stream = stream[:stream_size]
-    config = load_serve_config(config_path, cache)
+    # the demo's own log: its forced holdout passes must never become training data
+    config = load_serve_config(config_path, cache, log={"dir": str(out / "escalations")})
     with running_gateway(config, port=port) as url:
         print(
             f"gateway ready at {url}; sending {len(stream)} stream inputs with {concurrency} clients"
