@@ -58,7 +58,7 @@ class Decision:
 
 
 def decide(
-    probs: np.ndarray, scorer: str, threshold: float, force_tier: Tier | None = None
+    probs: np.ndarray, scorer: str, threshold: float | np.ndarray, force_tier: Tier | None = None
 ) -> Decision:
     confidence = get_scorer(scorer)(probs)
     if force_tier == "teacher":

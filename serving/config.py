@@ -108,7 +108,21 @@ class GatewayConfig(_Strict):
     teacher_timeout_s: PositiveFloat = Field(
         default=10.0, description="After this, answer with the student and degraded=true"
     )
+    registry: Path | None = Field(
+        default=None,
+        description="Model registry folder: its current version is served, and user_config "
+        "{student_version, threshold} hot-swaps to another of its versions",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: PositiveInt | None = Field(
         default=None, description="torch intra-op threads per replica (Ray sets 1 otherwise)"
+    )
+
+
+class SwapRequest(_Strict):
+    """The Gateway deployment's ``user_config``: changing it swaps the student in place."""
+
+    student_version: str | None = Field(default=None, description="A version in the registry")
+    threshold: float | None = Field(
+        default=None, ge=0, le=1, description="Override the version's calibrated threshold"
     )

@@ -10,6 +10,8 @@ import asyncio
 import logging
 import random
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,24 +20,19 @@ from fastapi import FastAPI, Header, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.cascade import (
-    Decision,
-    ThresholdRule,
-    decide,
-    make_output,
-    make_record,
-    resolve_threshold,
-)
-from serving.classifier import Classifier
-from serving.config import GatewayConfig
+from serving.cascade import Decision, decide, make_output, make_record
+from serving.config import GatewayConfig, SwapRequest
 from serving.errors import InputError, install_error_handlers
 from serving.escalation_log import EscalationLogWriter, EscalationRecord, Reason
+from serving.hot_swap import ActiveStudent, StudentSlot, load_student
+from serving.registry import Registry
 from serving.schemas import (
     ClassifyOutput,
     ClassifyRequest,
     ClassifyResponse,
     ModelInfo,
     ModelsResponse,
+    SwapStatus,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -48,6 +45,25 @@ api = FastAPI(
 install_error_handlers(api)
 
 
+@dataclass
+class StudentAnswers:
+    """The student's side of one request: per input, its probabilities and the version (and
+    so the threshold) that produced them; a swap may land between two inputs' batches."""
+
+    request_id: str
+    texts: list[str]
+    probs: np.ndarray
+    truncated: list[bool]
+    students: list[ActiveStudent]
+    override: float | None
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        if self.override is not None:
+            return np.full(len(self.texts), self.override)
+        return np.array([s.rule.value for s in self.students])
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
 @serve.ingress(api)
 class Gateway:
@@ -56,11 +72,12 @@ class Gateway:
             torch.set_num_threads(config.torch_threads)
         self.config = config
         self.teacher = teacher
-        self.student = Classifier(
-            config.student.path, device=config.device, max_tokens=config.student.max_tokens
+        self.registry = Registry(config.registry) if config.registry else None
+        initial = load_student(
+            self._initial_folder(), config.cascade, config.device, config.student.max_tokens, None
         )
-        self.rule: ThresholdRule = resolve_threshold(config.cascade, self.student.manifest)
-        self.student.warm_up()
+        self.slot = StudentSlot(initial, config.cascade, config.device, config.student.max_tokens)
+        self.labels = initial.model.labels
         self._student_batch.set_max_batch_size(config.batching.max_batch_size)  # type: ignore[attr-defined]
         self._student_batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
         replica = serve.get_replica_context().replica_tag
@@ -72,12 +89,29 @@ class Gateway:
         )
         self._background: set[asyncio.Task[None]] = set()
         self._teacher_info: dict[str, Any] | None = None
-        logger.info(
-            "student %s ready, threshold %.4f (%s)",
-            self.student.version,
-            self.rule.value,
-            self.rule.description,
+        logger.info("student %s ready (%s)", initial.version, initial.rule.description)
+
+    def _initial_folder(self) -> Path:
+        current = self.registry.current() if self.registry else None
+        return (
+            self.registry.path(current) if self.registry and current else self.config.student.path
         )
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's in-place update: start a background swap to ``student_version``."""
+        try:
+            swap = SwapRequest.model_validate(user_config)
+            if swap.student_version is None:
+                return
+            if self.registry is None:
+                raise ValueError("student_version in user_config needs `registry` in the config")
+            folder = self.registry.path(swap.student_version)
+        except Exception as exc:  # a bad update never takes the replica down
+            self.slot.stats.failures += 1
+            self.slot.stats.last_error = f"user_config {user_config}: {exc}"
+            logger.error("hot swap refused: %s", exc)
+            return
+        self.slot.request(swap.student_version, folder, swap.threshold)
 
     # --- HTTP -----------------------------------------------------------------------------
 
@@ -92,23 +126,36 @@ class Gateway:
         except Exception as exc:  # the teacher is not up (yet): not ready, but alive
             response.status_code = 503
             return {"status": "not ready", "reason": f"teacher unavailable: {exc!r:.200}"}
-        return {"status": "ready", "student": self.student.version, "teacher": teacher["version"]}
+        return {
+            "status": "ready",
+            "student": self.slot.active.version,
+            "teacher": teacher["version"],
+        }
 
     @api.get("/v1/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
         teacher = await self._teacher_details()
+        student = self.slot.active
+        stats = self.slot.stats
         return ModelsResponse(
             student=ModelInfo(
-                version=self.student.version,
-                path=str(self.student.folder),
-                labels=self.student.labels,
-                max_tokens=self.student.max_tokens,
+                version=student.version,
+                path=str(student.model.folder),
+                labels=student.model.labels,
+                max_tokens=student.model.max_tokens,
             ),
             teacher=ModelInfo(**teacher),
             scorer=self.config.cascade.scorer,
-            threshold=self.rule.value,
-            threshold_rule=self.rule.description,
+            threshold=student.rule.value,
+            threshold_rule=student.rule.description,
             audit_fraction=self.config.cascade.audit_fraction,
+            swap=SwapStatus(
+                loading=stats.loading,
+                swaps=stats.swaps,
+                failures=stats.failures,
+                last_error=stats.last_error,
+                last_swap_seconds=stats.last_swap_seconds,
+            ),
         )
 
     @api.post("/v1/classify", response_model=ClassifyResponse)
@@ -132,42 +179,46 @@ class Gateway:
     async def _cascade(self, request: ClassifyRequest, request_id: str) -> list[ClassifyOutput]:
         texts = request.inputs
         rows = await asyncio.gather(*(self._student_batch(t) for t in texts))
-        probs = np.stack([r[0] for r in rows])
-        truncated = [r[1] for r in rows]
-        threshold = request.threshold if request.threshold is not None else self.rule.value
-        decision = decide(probs, self.config.cascade.scorer, threshold, request.force_tier)
+        batch = StudentAnswers(
+            request_id=request_id,
+            texts=texts,
+            probs=np.stack([r[0] for r in rows]),
+            truncated=[r[1] for r in rows],
+            students=[r[2] for r in rows],
+            override=request.threshold,
+        )
+        decision = decide(
+            batch.probs, self.config.cascade.scorer, batch.thresholds, request.force_tier
+        )
         escalated = np.flatnonzero(decision.escalate).tolist()
         answers = await self._ask_teacher([texts[i] for i in escalated]) if escalated else None
         by_teacher = dict(zip(escalated, answers, strict=True)) if answers else {}
         degraded = bool(escalated) and answers is None
 
-        outputs = []
-        for i in range(len(texts)):
-            if i in by_teacher:
-                outputs.append(self._teacher_output(by_teacher[i], decision.confidence[i]))
-            else:
-                escalated_here = bool(decision.escalate[i])
-                outputs.append(
-                    self._student_output(
-                        probs[i], decision, i, truncated[i], degraded and escalated_here
-                    )
-                )
+        outputs = [
+            self._teacher_output(by_teacher[i], decision.confidence[i])
+            if i in by_teacher
+            else self._student_output(batch, decision, i, degraded)
+            for i in range(len(texts))
+        ]
         if by_teacher:
             assert decision.reason is not None  # set whenever anything escalates
             reason = decision.reason
             self._write(
-                [
-                    self._record(request_id, i, texts[i], decision, probs[i], threshold, a, reason)
-                    for i, a in by_teacher.items()
-                ]
+                [self._record(batch, decision, i, a, reason) for i, a in by_teacher.items()]
             )
-        self._maybe_audit(request_id, texts, probs, decision, threshold)
+        self._maybe_audit(batch, decision)
         return outputs
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _student_batch(self, texts: list[str]) -> list[tuple[np.ndarray, bool]]:
-        prediction = await asyncio.to_thread(self.student.predict, texts)
-        return list(zip(prediction.probs, prediction.truncated, strict=True))
+    async def _student_batch(
+        self, texts: list[str]
+    ) -> list[tuple[np.ndarray, bool, ActiveStudent]]:
+        student = self.slot.active  # read once: a swap during this batch does not split it
+        prediction = await asyncio.to_thread(student.model.predict, texts)
+        return [
+            (p, cut, student) for p, cut in zip(prediction.probs, prediction.truncated, strict=True)
+        ]
 
     async def _ask_teacher(self, texts: list[str]) -> list[dict[str, Any]] | None:
         """The teacher's answers, or None when it fails or times out (answer degraded)."""
@@ -179,13 +230,13 @@ class Gateway:
         except Exception as exc:  # timeout, dead replica, model error: the student answers
             for call in calls:
                 call.cancel()
-            logger.warning("teacher failed for %d inputs, answering degraded: %r", len(texts), exc)
+            logger.warning("teacher failed for %d inputs: %r", len(texts), exc)
             return None
 
     def _teacher_output(self, answer: dict[str, Any], confidence: float) -> ClassifyOutput:
         return make_output(
             np.asarray(answer["probs"]),
-            self.student.labels,
+            self.labels,
             confidence=confidence,
             tier="teacher",
             version=answer["version"],
@@ -194,80 +245,61 @@ class Gateway:
         )
 
     def _student_output(
-        self, probs: np.ndarray, decision: Decision, i: int, truncated: bool, degraded: bool = False
+        self, batch: StudentAnswers, decision: Decision, i: int, teacher_failed: bool
     ) -> ClassifyOutput:
+        escalated = bool(decision.escalate[i])
         return make_output(
-            probs,
-            self.student.labels,
+            batch.probs[i],
+            self.labels,
             confidence=decision.confidence[i],
             tier="student",
-            version=self.student.version,
-            escalated=bool(decision.escalate[i]),
-            degraded=degraded,
-            truncated=truncated,
+            version=batch.students[i].version,
+            escalated=escalated,
+            degraded=teacher_failed and escalated,
+            truncated=batch.truncated[i],
         )
 
     def _record(
         self,
-        request_id: str,
-        i: int,
-        text: str,
+        batch: StudentAnswers,
         decision: Decision,
-        student_probs: np.ndarray,
-        threshold: float,
+        i: int,
         answer: dict[str, Any],
         reason: Reason,
     ) -> EscalationRecord:
         return make_record(
-            request_id=request_id,
+            request_id=batch.request_id,
             index=i,
-            text=text,
+            text=batch.texts[i],
             reason=reason,
-            labels=self.student.labels,
-            student_version=self.student.version,
-            student_probs=student_probs,
+            labels=self.labels,
+            student_version=batch.students[i].version,
+            student_probs=batch.probs[i],
             scorer=self.config.cascade.scorer,
             confidence=decision.confidence[i],
-            threshold=threshold,
+            threshold=float(batch.thresholds[i]),
             teacher_version=answer["version"],
             teacher_probs=answer["probs"],
         )
 
     # --- audit and log --------------------------------------------------------------------
 
-    def _maybe_audit(
-        self,
-        request_id: str,
-        texts: list[str],
-        probs: np.ndarray,
-        decision: Decision,
-        threshold: float,
-    ) -> None:
+    def _maybe_audit(self, batch: StudentAnswers, decision: Decision) -> None:
         fraction = self.config.cascade.audit_fraction
         if fraction <= 0:
             return
         chosen = [int(i) for i in np.flatnonzero(~decision.escalate) if random.random() < fraction]
         if chosen:
-            task = asyncio.create_task(
-                self._audit(request_id, texts, probs, decision, threshold, chosen)
-            )
+            task = asyncio.create_task(self._audit(batch, decision, chosen))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _audit(
-        self,
-        request_id: str,
-        texts: list[str],
-        probs: np.ndarray,
-        decision: Decision,
-        threshold: float,
-        chosen: list[int],
-    ) -> None:
-        answers = await self._ask_teacher([texts[i] for i in chosen])
+    async def _audit(self, batch: StudentAnswers, decision: Decision, chosen: list[int]) -> None:
+        answers = await self._ask_teacher([batch.texts[i] for i in chosen])
         if answers is not None:
             self._write(
                 [
-                    self._record(request_id, i, texts[i], decision, probs[i], threshold, a, "audit")
+                    self._record(batch, decision, i, a, "audit")
                     for i, a in zip(chosen, answers, strict=True)
                 ]
             )
@@ -301,9 +333,9 @@ class Gateway:
     async def _teacher_details(self) -> dict[str, Any]:
         if self._teacher_info is None:
             info = await self.teacher.info.remote()
-            if info["labels"] != self.student.labels:
+            if info["labels"] != self.labels:
                 raise RuntimeError(
-                    f"teacher labels {info['labels']} differ from the student's {self.student.labels}"
+                    f"teacher labels {info['labels']} differ from the student's {self.labels}"
                 )
             self._teacher_info = info
         return self._teacher_info

@@ -109,6 +109,8 @@ def absolute_paths(args: dict[str, Any], base: Path) -> dict[str, Any]:
         value = args.get(section, {}).get(key)
         if value is not None and not Path(value).is_absolute():
             args[section] = {**args[section], key: str((base / value).resolve())}
+    if args.get("registry") and not Path(args["registry"]).is_absolute():
+        args["registry"] = str((base / args["registry"]).resolve())
     return args
 
 

@@ -52,6 +52,14 @@ class ModelInfo(BaseModel):
     max_tokens: int
 
 
+class SwapStatus(BaseModel):
+    loading: str | None = Field(description="A version loading in the background, if any")
+    swaps: int
+    failures: int
+    last_error: str | None
+    last_swap_seconds: float | None
+
+
 class ModelsResponse(BaseModel):
     student: ModelInfo
     teacher: ModelInfo
@@ -59,8 +67,4 @@ class ModelsResponse(BaseModel):
     threshold: float
     threshold_rule: str
     audit_fraction: float
-
-
-class ErrorResponse(BaseModel):
-    error: str
-    detail: list[dict[str, object]] | str
+    swap: SwapStatus

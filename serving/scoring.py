@@ -51,7 +51,7 @@ def get_scorer(name: str) -> Scorer:
         raise ValueError(f"unknown scorer {name!r}; known scorers: {known}") from None
 
 
-def should_escalate(confidence: np.ndarray, threshold: float) -> np.ndarray:
+def should_escalate(confidence: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
     """The one rule of the cascade: escalate when confidence < threshold."""
     return np.asarray(confidence) < threshold
 

@@ -1,0 +1,129 @@
+"""The student slot: which student answers, and swapping it with no failed or stalled request.
+
+Ray Serve calls ``reconfigure()`` on the live replica when only ``user_config`` changes,
+and blocks that replica while it runs. So a swap only *starts* there: the new version
+loads, is validated (labels, output shape, a warm-up batch) and is calibrated in a
+background thread; then one reference is replaced. Requests read the reference once per
+batch, so in-flight work finishes on the old model. A version that fails to load or
+validate is rejected and logged; the old one keeps serving. Asking again for the version
+already serving (or already loading) does nothing, since Serve may call ``reconfigure()``
+twice on a new replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving.cascade import ThresholdRule, resolve_threshold
+from serving.classifier import Classifier
+from serving.config import CascadeConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ActiveStudent:
+    model: Classifier
+    rule: ThresholdRule
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+
+@dataclass
+class SwapStats:
+    swaps: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    last_swap_seconds: float | None = None
+    loading: str | None = None
+    history: list[str] = field(default_factory=list)
+
+
+def load_student(
+    folder: Path,
+    cascade: CascadeConfig,
+    device: str,
+    max_tokens: int | None,
+    labels: list[str] | None,
+) -> ActiveStudent:
+    """Load, validate and calibrate one student version; raises with the reason if unfit."""
+    model = Classifier(folder, device=device, max_tokens=max_tokens)
+    if labels is not None and model.labels != labels:
+        raise ValueError(f"labels {model.labels} differ from the serving labels {labels}")
+    probs = model.predict(["warm-up input", "a second, longer warm-up input for the batch"]).probs
+    if probs.shape != (2, len(model.labels)) or not np.isfinite(probs).all():
+        raise ValueError(
+            f"warm-up produced {probs.shape} outputs, expected (2, {len(model.labels)})"
+        )
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("warm-up probabilities do not sum to 1")
+    return ActiveStudent(model, resolve_threshold(cascade, model.manifest))
+
+
+class StudentSlot:
+    def __init__(
+        self, initial: ActiveStudent, cascade: CascadeConfig, device: str, max_tokens: int | None
+    ):
+        self.active = initial
+        self.stats = SwapStats(history=[initial.version])
+        self._cascade, self._device, self._max_tokens = cascade, device, max_tokens
+        self._lock = threading.Lock()
+
+    def request(self, version: str, folder: Path, threshold: float | None = None) -> bool:
+        """Start loading ``version`` in the background; False if nothing needs doing."""
+        with self._lock:
+            if version in (self.active.version, self.stats.loading):
+                return False
+            self.stats.loading = version
+        cascade = (
+            self._cascade
+            if threshold is None
+            else self._cascade.model_copy(
+                update={
+                    "threshold": threshold,
+                    "target_escalation_rate": None,
+                    "target_agreement": None,
+                }
+            )
+        )
+        thread = threading.Thread(
+            target=self._load, args=(version, folder, cascade), daemon=True, name=f"swap-{version}"
+        )
+        thread.start()
+        return True
+
+    def _load(self, version: str, folder: Path, cascade: CascadeConfig) -> None:
+        began = time.perf_counter()
+        try:
+            candidate = load_student(
+                folder, cascade, self._device, self._max_tokens, self.active.model.labels
+            )
+            if candidate.version != version:
+                raise ValueError(
+                    f"folder {folder} holds version {candidate.version}, not {version}"
+                )
+        except Exception as exc:  # any failure: keep serving the old version
+            with self._lock:
+                self.stats.failures += 1
+                self.stats.last_error = f"{version}: {exc}"
+                self.stats.loading = None
+            logger.error(
+                "hot swap to %s rejected, still serving %s: %s", version, self.active.version, exc
+            )
+            return
+        with self._lock:
+            previous = self.active.version
+            self.active = candidate  # the swap: one reference
+            self.stats.swaps += 1
+            self.stats.last_swap_seconds = time.perf_counter() - began
+            self.stats.loading = None
+            self.stats.history.append(version)
+        logger.info("hot swap %s -> %s in %.2f s", previous, version, self.stats.last_swap_seconds)

@@ -1,0 +1,74 @@
+import json
+import os
+import time
+
+import pytest
+
+from serving.manifest import ModelManifest, write_manifest
+from serving.registry import Registry, RegistryError
+
+
+def staged_version(root, version: str):
+    folder = root / "staging" / version
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(version.encode())
+    write_manifest(
+        folder, ModelManifest(version=version, role="student", created_at=time.time(), labels=["a"])
+    )
+    return folder
+
+
+def test_publish_promote_and_rollback(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    assert registry.current() is None and registry.versions() == []
+    for v in ("v1", "v2", "v3"):
+        registry.publish(staged_version(tmp_path, v))
+        registry.promote(v)
+    assert registry.current() == "v3" and registry.history() == ["v1", "v2"]
+    assert [m.version for m in registry.versions()] == ["v1", "v2", "v3"]
+    assert registry.rollback() == "v2" and registry.current() == "v2"
+    assert registry.rollback() == "v1"
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        registry.rollback()
+
+
+def test_versions_are_immutable_and_unknown_ones_are_named(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    registry.publish(staged_version(tmp_path, "v1"))
+    (tmp_path / "again").mkdir()
+    with pytest.raises(RegistryError, match="already exists; versions are immutable"):
+        registry.publish(staged_version(tmp_path / "again", "v1"))
+    with pytest.raises(RegistryError, match=r"version 'v9' is not in .* \(known: v1\)"):
+        registry.promote("v9")
+
+
+def test_crash_between_publish_and_pointer_move_keeps_the_old_current(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    registry.publish(staged_version(tmp_path, "v1"))
+    registry.promote("v1")
+    registry.publish(staged_version(tmp_path, "v2"))  # ...and the process dies here
+    assert Registry(tmp_path / "reg").current() == "v1"
+
+
+def test_pointer_write_is_atomic_even_when_rename_fails(tmp_path, monkeypatch):
+    registry = Registry(tmp_path / "reg")
+    for v in ("v1", "v2"):
+        registry.publish(staged_version(tmp_path, v))
+    registry.promote("v1")
+    before = (tmp_path / "reg" / "current.json").read_text()
+
+    def crash(src, dst):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        registry.promote("v2")
+    monkeypatch.undo()
+    assert (tmp_path / "reg" / "current.json").read_text() == before
+    assert json.loads(before)["version"] == "v1"
+
+
+def test_publish_refuses_a_folder_without_manifest(tmp_path):
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(RegistryError, match="no protege.json"):
+        Registry(tmp_path / "reg").publish(tmp_path / "bare")
