@@ -19,6 +19,7 @@ from serving import meanpool
 from serving.cascade import resolve_threshold
 from serving.config import GatewayConfig
 from serving.gateway import Gateway
+from serving.hot_swap import import_loader
 from serving.manifest import read_manifest
 from serving.teacher import Teacher
 
@@ -53,6 +54,7 @@ def check_models(config: GatewayConfig) -> None:
             f"student labels {labels['student']} differ from teacher labels {labels['teacher']}"
         )
     try:
+        import_loader(config.student_loader)
         resolve_threshold(config.cascade, read_manifest(config.student.path))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

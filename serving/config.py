@@ -113,6 +113,11 @@ class GatewayConfig(_Strict):
         description="Model registry folder: its current version is served, and user_config "
         "{student_version, threshold} hot-swaps to another of its versions",
     )
+    student_loader: str = Field(
+        default="serving.hot_swap:load_student",
+        description="module:function that loads, validates and calibrates a student version "
+        "(the seam for other model formats)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: PositiveInt | None = Field(
         default=None, description="torch intra-op threads per replica (Ray sets 1 otherwise)"

@@ -24,7 +24,7 @@ from serving.cascade import Decision, decide, make_output, make_record
 from serving.config import GatewayConfig, SwapRequest
 from serving.errors import InputError, install_error_handlers
 from serving.escalation_log import EscalationLogWriter, EscalationRecord, Reason
-from serving.hot_swap import ActiveStudent, StudentSlot, load_student
+from serving.hot_swap import ActiveStudent, StudentSlot, import_loader
 from serving.registry import Registry
 from serving.schemas import (
     ClassifyOutput,
@@ -73,10 +73,13 @@ class Gateway:
         self.config = config
         self.teacher = teacher
         self.registry = Registry(config.registry) if config.registry else None
-        initial = load_student(
+        loader = import_loader(config.student_loader)
+        initial = loader(
             self._initial_folder(), config.cascade, config.device, config.student.max_tokens, None
         )
-        self.slot = StudentSlot(initial, config.cascade, config.device, config.student.max_tokens)
+        self.slot = StudentSlot(
+            initial, config.cascade, config.device, config.student.max_tokens, loader
+        )
         self.labels = initial.model.labels
         self._student_batch.set_max_batch_size(config.batching.max_batch_size)  # type: ignore[attr-defined]
         self._student_batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]

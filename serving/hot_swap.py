@@ -12,9 +12,11 @@ twice on a new replica.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,21 @@ class SwapStats:
     history: list[str] = field(default_factory=list)
 
 
+Loader = Callable[[Path, CascadeConfig, str, "int | None", "list[str] | None"], ActiveStudent]
+
+
+def import_loader(path: str) -> Loader:
+    """``module:function`` to the loader it names, with a clear error when it does not exist."""
+    module, _, name = path.partition(":")
+    try:
+        loader = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"student_loader {path!r} cannot be imported: {exc}") from None
+    if not callable(loader):
+        raise ValueError(f"student_loader {path!r} is not callable")
+    return loader
+
+
 def load_student(
     folder: Path,
     cascade: CascadeConfig,
@@ -70,9 +87,15 @@ def load_student(
 
 class StudentSlot:
     def __init__(
-        self, initial: ActiveStudent, cascade: CascadeConfig, device: str, max_tokens: int | None
+        self,
+        initial: ActiveStudent,
+        cascade: CascadeConfig,
+        device: str,
+        max_tokens: int | None,
+        loader: Loader | None = None,
     ):
         self.active = initial
+        self._loader = loader or load_student
         self.stats = SwapStats(history=[initial.version])
         self._cascade, self._device, self._max_tokens = cascade, device, max_tokens
         self._lock = threading.Lock()
@@ -103,7 +126,7 @@ class StudentSlot:
     def _load(self, version: str, folder: Path, cascade: CascadeConfig) -> None:
         began = time.perf_counter()
         try:
-            candidate = load_student(
+            candidate = self._loader(
                 folder, cascade, self._device, self._max_tokens, self.active.model.labels
             )
             if candidate.version != version:

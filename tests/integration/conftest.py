@@ -1,5 +1,6 @@
 """One real local Ray Serve per test session, on 127.0.0.1, with tiny random models."""
 
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,11 @@ def wait_for(
 def serve_cluster() -> Iterator[int]:
     from serving import local_ray
 
+    # replicas import test-only helpers (tests/support) through PYTHONPATH
+    support = str(Path(__file__).resolve().parent.parent / "support")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (support, os.environ.get("PYTHONPATH")) if p
+    )
     port = free_port()
     # logical CPUs: several small apps share this 2-core machine during the session
     local_ray.start(http_port=port, metrics_port=free_port(), num_cpus=16)

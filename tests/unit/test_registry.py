@@ -70,5 +70,5 @@ def test_pointer_write_is_atomic_even_when_rename_fails(tmp_path, monkeypatch):
 
 def test_publish_refuses_a_folder_without_manifest(tmp_path):
     (tmp_path / "bare").mkdir()
-    with pytest.raises(RegistryError, match="no protege.json"):
+    with pytest.raises(RegistryError, match=r"no protege\.json"):
         Registry(tmp_path / "reg").publish(tmp_path / "bare")
