@@ -14,7 +14,6 @@ examples) that runs the same code path in about a minute, for CI.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from transformers import (
 )
 
 from distill import bbc
+from distill.eval_sets import calibration_set, sample
 from distill.evaluate import accuracy, cascade_figures, predict_all
 from distill.finetune import TrainSettings, fine_tune
 from distill.packages import minilm_folder, mpnet_folder
@@ -151,10 +151,6 @@ def _train_model(
     }
 
 
-def _sample(examples: list[bbc.Example], n: int, seed: int) -> list[bbc.Example]:
-    return examples if len(examples) <= n else random.Random(seed).sample(examples, n)
-
-
 def build_defaults(
     cache: Path, profile_name: str = "full", device: str = "auto"
 ) -> dict[str, object]:
@@ -174,7 +170,7 @@ def build_defaults(
     if not (teacher_dir / "protege.json").exists():
         model, tokenizer = _base_teacher(profile, cache)
         train = bbc.read_split(data, "train")
-        train = _sample(train, profile.train_limit, seed=1) if profile.train_limit else train
+        train = sample(train, profile.train_limit, seed=1) if profile.train_limit else train
         training["teacher"] = _train_model(
             "teacher", teacher_dir, model, tokenizer, train, profile.teacher, dev
         )
@@ -211,10 +207,8 @@ def _evaluate_and_calibrate(
     """Score both models through the serving loader; store the student's calibration."""
     teacher, student = Classifier(teacher_dir, device), Classifier(student_dir, device)
     holdout = bbc.read_split(data, "holdout")
-    # the traffic mix: headlines the student never saw, topped up with article sentences
-    headlines = bbc.read_split(data, "train")[: profile.calibration_size // 3]
-    sentences = bbc.read_split(data, "seed_sentences") + bbc.read_split(data, "train_sentences")
-    calibration = headlines + _sample(sentences, profile.calibration_size - len(headlines), seed=2)
+    calibration = calibration_set(data, profile.calibration_size)
+    headlines = [e for e in calibration if e.kind == "headline"]
     gold = np.array([bbc.LABELS.index(e.label) for e in holdout])
     hold_t = predict_all(teacher, [e.text for e in holdout], desc="teacher: holdout")
     hold_s = predict_all(student, [e.text for e in holdout], desc="student: holdout")

@@ -1,4 +1,8 @@
-"""Supervised fine-tuning of a sequence classifier: a plain PyTorch loop, read top to bottom.
+"""Fine-tuning a sequence classifier: a plain PyTorch loop, read top to bottom.
+
+With hard labels only it is ordinary supervised training (building the default models);
+given the teacher's probabilities as soft targets it distils, with
+:func:`distill.losses.distillation_loss`.
 
 The head gets its own, larger learning rate: with one rate of 3e-5 a fresh head stays
 nearly uniform after a few epochs (useless soft targets); 1e-3 for the head trains it.
@@ -14,6 +18,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.losses import distillation_loss
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -25,6 +31,8 @@ class TrainSettings:
     warmup_fraction: float = 0.1
     max_tokens: int = 128
     seed: int = 0
+    temperature: float = 2.0  # distillation only
+    alpha: float = 0.5  # weight of the soft term; distillation only
 
 
 def _param_groups(model: PreTrainedModel, settings: TrainSettings) -> list[dict[str, object]]:
@@ -47,8 +55,10 @@ def fine_tune(
     settings: TrainSettings,
     device: torch.device,
     desc: str = "fine-tune",
+    soft_targets: list[list[float]] | None = None,
 ) -> list[float]:
-    """Train in place on (text, label index) pairs; returns the mean loss of each epoch."""
+    """Train in place on (text, label index[, teacher probabilities]) examples; returns the
+    mean loss of each epoch."""
     if len(texts) != len(labels) or not texts:
         raise ValueError(
             f"need equal, non-empty texts and labels; got {len(texts)} and {len(labels)}"
@@ -83,7 +93,18 @@ def fine_tune(
                     return_tensors="pt",
                 ).to(device)
                 target = torch.tensor([labels[i] for i in batch], device=device)
-                loss = nn.functional.cross_entropy(model(**encoded).logits, target)
+                logits = model(**encoded).logits
+                if soft_targets is None:
+                    loss = nn.functional.cross_entropy(logits, target)
+                else:
+                    teacher = torch.tensor([soft_targets[i] for i in batch], device=device)
+                    loss = distillation_loss(
+                        logits,
+                        teacher,
+                        target,
+                        temperature=settings.temperature,
+                        alpha=settings.alpha,
+                    )
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)

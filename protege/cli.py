@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+from protege import distill_cli, registry_cli
+
 DEFAULT_CACHE = Path(os.environ.get("PROTEGE_CACHE", "var/cache"))
 
 
@@ -118,6 +120,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--ingress", choices=["proxy", "haproxy", "both"], default="both")
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
     bench.set_defaults(func=_bench)
+
+    distill_cli.add_parser(sub)
+    registry_cli.add_parser(sub)
     return root
 
 
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = parser().parse_args(argv)
-    return int(args.func(args))
+    return int(registry_cli.guarded(args.func)(args))
 
 
 if __name__ == "__main__":

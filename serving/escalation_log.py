@@ -157,22 +157,39 @@ def list_segments(directory: Path) -> list[Path]:
 
 def iter_segment(path: Path, stats: ReadStats | None = None) -> Iterator[EscalationRecord]:
     """Records of one segment; torn, corrupt or foreign-schema lines are skipped and counted."""
+    yield from read_from(path, 0, stats)[0]
+
+
+def read_from(
+    path: Path, offset: int, stats: ReadStats | None = None, end: int | None = None
+) -> tuple[list[EscalationRecord], int]:
+    """Whole lines of a segment from byte ``offset`` (to ``end``, default the file's end):
+    (records, offset after the last complete line). A torn last line is left unconsumed (its writer is gone: a restarted
+    writer opens a new segment), so it is counted each time and never half-read."""
     stats = stats if stats is not None else ReadStats()
     stats.segments += 1
+    records: list[EscalationRecord] = []
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            problem = _line_problem(raw)
-            if problem is None:
-                try:
-                    record = EscalationRecord.model_validate_json(raw)
-                except ValidationError as exc:
-                    problem = f"invalid record ({exc.error_count()} errors)"
-                else:
-                    stats.records += 1
-                    yield record
-                    continue
-            stats.skipped_lines += 1
-            stats.skipped_reasons.append(f"{path.name}:{number}: {problem}")
+        handle.seek(offset)
+        data = handle.read(-1 if end is None else max(0, end - offset))
+    whole = data.rfind(b"\n") + 1
+    for number, raw in enumerate(data[:whole].splitlines(keepends=True), start=1):
+        problem = _line_problem(raw)
+        if problem is None:
+            try:
+                records.append(EscalationRecord.model_validate_json(raw))
+                stats.records += 1
+                continue
+            except ValidationError as exc:
+                problem = f"invalid record ({exc.error_count()} errors)"
+        stats.skipped_lines += 1
+        stats.skipped_reasons.append(f"{path.name}@{offset}+{number}: {problem}")
+    if whole < len(data):
+        stats.skipped_lines += 1
+        stats.skipped_reasons.append(
+            f"{path.name}: torn line at the end (the writer crashed mid-write)"
+        )
+    return records, offset + whole
 
 
 def iter_records(directory: Path, stats: ReadStats | None = None) -> Iterator[EscalationRecord]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -81,6 +82,9 @@ class ModelManifest(BaseModel):
     default_target: DefaultTarget | None = None
     calibration: Calibration | None = None
     eval: dict[str, float] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="Data window, record counts, loss and train settings"
+    )
 
 
 def weights_digest(folder: Path) -> str:

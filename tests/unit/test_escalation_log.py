@@ -118,3 +118,21 @@ def test_close_fsyncs_and_refuses_later_writes(tmp_path, monkeypatch):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list(iter_records(tmp_path / "nope"))
+
+
+def test_read_from_an_offset_resumes_exactly_where_it_stopped(tmp_path):
+    from serving.escalation_log import read_from
+
+    writer = EscalationLogWriter(tmp_path)
+    writer.append([record(1), record(2)])
+    segment = writer.current_segment
+    first, offset = read_from(segment, 0)
+    assert [r.record_id for r in first] == ["req1:0", "req2:0"]
+    writer.append([record(3)])
+    with open(segment, "ab") as handle:  # a torn line after it
+        handle.write(record(4).model_dump_json().encode()[:40])
+    stats = ReadStats()
+    more, end = read_from(segment, offset, stats)
+    assert [r.record_id for r in more] == ["req3:0"] and stats.skipped_lines == 1
+    assert read_from(segment, end)[0] == []  # the torn line is never half-read
+    writer.close()

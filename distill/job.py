@@ -1,0 +1,229 @@
+"""One distillation run: window -> train a candidate -> evaluate both -> gate -> publish.
+
+    protege distill run --config deploy/distill.yaml
+
+Nothing is half-published: the candidate is built in the registry's staging folder and
+moved in whole; the current pointer moves last; a crash anywhere leaves the old current.
+The run report (registry/runs/<run id>.json) says what happened and why.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from distill import bbc
+from distill.config import DistillConfig
+from distill.dataset import Window, read_watermark, read_window, write_watermark
+from distill.eval_sets import calibration_set, gold, holdout_set, teacher_probs
+from distill.evaluate import predict_all
+from distill.finetune import TrainSettings, fine_tune
+from distill.gate import ModelEval, evaluate, gate, make_calibration
+from distill.lock import run_lock
+from serving import meanpool
+from serving.classifier import Classifier, pick_device
+from serving.manifest import (
+    Calibration,
+    DefaultTarget,
+    ModelManifest,
+    weights_digest,
+    write_manifest,
+)
+from serving.registry import Registry, RegistryError
+
+CALIBRATION_SIZE = 3000
+
+
+def run(config: DistillConfig) -> dict[str, Any]:
+    """Run once; returns the run report (also written to the registry)."""
+    registry = Registry(config.registry)
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    began = time.time()
+    with run_lock(registry.root / "distill.lock"):
+        try:
+            report = _run_locked(config, registry, run_id)
+        except Exception as exc:
+            report = {"result": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            registry.write_run(run_id, {"run_id": run_id, **report, "seconds": time.time() - began})
+            raise
+    report = {"run_id": run_id, **report, "seconds": round(time.time() - began, 1)}
+    registry.write_run(run_id, report)
+    return report
+
+
+def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[str, Any]:
+    current = registry.current()
+    if current is None:
+        raise RegistryError(
+            f"registry {registry.root} has no current student: "
+            "`protege registry import var/cache/models/student --promote` first"
+        )
+    teacher = Classifier(config.teacher, device=config.device)
+    holdout = holdout_set(config.data_dir, config.holdout_sentences)
+    watermark = read_watermark(registry.root)
+    window = read_window(
+        config.log_dir,
+        watermark,
+        exclude_texts={e.text for e in holdout},
+        replay=config.replay.earlier_records,
+        seed=config.train.seed + len(watermark),
+    )
+    if len(window.new) < config.min_records:
+        return {
+            "result": "nothing-to-do",
+            "reason": f"{len(window.new)} new records, fewer than min_records={config.min_records}",
+            "current": current,
+            "window": window.describe(),
+        }
+    cache = config.data_dir / "teacher-scores"
+    texts, soft, labels = _training_set(config, window, teacher, cache)
+    staged, losses = _train_candidate(config, registry, current, texts, soft, labels, run_id)
+    try:
+        return _judge_and_publish(
+            config, registry, current, teacher, holdout, cache, staged, window, losses, len(texts)
+        )
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _training_set(
+    config: DistillConfig, window: Window, teacher: Classifier, cache: Path
+) -> tuple[list[str], list[list[float]], list[int]]:
+    """Soft targets from the logged teacher distributions; labels are gold where a record
+    has one, else the teacher's. The seed headlines are replayed with their gold labels."""
+    records = window.new + window.replay
+    texts = [r.text for r in records]
+    soft = [r.teacher_probs for r in records]
+    labels = [r.labels.index(r.gold_label or r.teacher_label) for r in records]
+    if config.replay.seed_examples:
+        seed = bbc.read_split(config.data_dir, "seed")
+        probs = teacher_probs(teacher, seed, cache, "seed")
+        texts += [e.text for e in seed]
+        soft += probs.tolist()
+        labels += gold(seed).tolist()
+    return texts, soft, labels
+
+
+def _train_candidate(
+    config: DistillConfig,
+    registry: Registry,
+    current: str,
+    texts: list[str],
+    soft: list[list[float]],
+    labels: list[int],
+    run_id: str,
+) -> tuple[Path, list[float]]:
+    """Fine-tune a copy of the current student; returns its staging folder and losses."""
+    meanpool.register()
+    source = registry.path(current)
+    model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    t = config.train
+    settings = TrainSettings(
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr_encoder=t.lr_encoder,
+        lr_head=t.lr_head,
+        max_tokens=t.max_tokens,
+        seed=t.seed,
+        temperature=config.loss.temperature,
+        alpha=config.loss.alpha,
+    )
+    if t.workers > 1:
+        from distill.ray_train import train_with_ray
+
+        losses = train_with_ray(model, tokenizer, texts, labels, soft, settings, t.workers)
+    else:
+        losses = fine_tune(
+            model,
+            tokenizer,
+            texts,
+            labels,
+            settings,
+            pick_device(config.device),
+            desc=f"distil {current}",
+            soft_targets=soft,
+        )
+    staged = registry.root / "staging" / run_id
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    return staged, losses
+
+
+def _judge_and_publish(
+    config: DistillConfig,
+    registry: Registry,
+    current: str,
+    teacher: Classifier,
+    holdout: list[bbc.Example],
+    cache: Path,
+    staged: Path,
+    window: Window,
+    losses: list[float],
+    examples: int,
+) -> dict[str, Any]:
+    calibration = calibration_set(config.data_dir, CALIBRATION_SIZE)
+    cal_teacher = teacher_probs(teacher, calibration, cache, "calibration")
+    hold_teacher = teacher_probs(teacher, holdout, cache, "holdout")
+    gold_rows = np.array([e.kind == "headline" for e in holdout])
+    hold_gold = gold([e for e in holdout if e.kind == "headline"])
+    target = config.gate.target_agreement
+
+    def judge(folder: Path, version: str) -> tuple[ModelEval, Calibration]:
+        student = Classifier(folder, device=config.device)
+        cal = make_calibration(
+            predict_all(student, [e.text for e in calibration], desc=f"{version}: calibration"),
+            cal_teacher,
+            f"{len(calibration)} BBC inputs ({int(sum(e.kind == 'headline' for e in calibration))} headlines, the rest sentences)",
+        )
+        probs = predict_all(student, [e.text for e in holdout], desc=f"{version}: holdout")
+        return evaluate(version, cal, probs, hold_teacher, hold_gold, gold_rows, target), cal
+
+    candidate_version = f"student-{weights_digest(staged)}"
+    current_eval, _ = judge(registry.path(current), current)
+    candidate_eval, candidate_cal = judge(staged, candidate_version)
+    promote, why = gate(candidate_eval, current_eval, config.gate)
+    report: dict[str, Any] = {
+        "result": "promoted" if promote else "rejected",
+        "reason": why,
+        "current": current,
+        "candidate": candidate_version,
+        "window": window.describe(),
+        "training_examples": examples,
+        "epoch_losses": losses,
+        "eval": {"current": current_eval.as_dict(), "candidate": candidate_eval.as_dict()},
+        "holdout_inputs": len(holdout),
+    }
+    if promote:
+        write_manifest(
+            staged,
+            ModelManifest(
+                version=candidate_version,
+                role="student",
+                parent=current,
+                created_at=time.time(),
+                labels=bbc.LABELS,
+                default_target=DefaultTarget(target_agreement=target),
+                calibration=candidate_cal,
+                eval={k: v for k, v in candidate_eval.as_dict().items() if isinstance(v, float)},
+                training={
+                    "window": window.describe(),
+                    "examples": examples,
+                    "epoch_losses": losses,
+                    "loss": config.loss.model_dump(),
+                    "train": config.train.model_dump(),
+                    "watermark": window.watermark,
+                },
+            ),
+        )
+        registry.publish(staged)
+        registry.promote(candidate_version)
+    write_watermark(registry.root, window.watermark)  # consumed, promoted or not
+    return report
