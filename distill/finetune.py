@@ -56,63 +56,90 @@ def fine_tune(
     device: torch.device,
     desc: str = "fine-tune",
     soft_targets: list[list[float]] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[float]:
     """Train in place on (text, label index[, teacher probabilities]) examples; returns the
-    mean loss of each epoch."""
+    mean loss of each epoch. With ``world_size`` > 1 (under Ray Train) each rank trains on
+    its equal share of every epoch's shuffle and gradients are averaged across ranks."""
     if len(texts) != len(labels) or not texts:
         raise ValueError(
             f"need equal, non-empty texts and labels; got {len(texts)} and {len(labels)}"
         )
     torch.manual_seed(settings.seed)
-    order_rng = random.Random(settings.seed)
+    order_rng = random.Random(settings.seed)  # the same shuffle on every rank
     model.to(device)  # type: ignore[arg-type]
     model.train()
     optimizer = torch.optim.AdamW(
         _param_groups(model, settings), weight_decay=settings.weight_decay
     )
-    steps_per_epoch = -(-len(texts) // settings.batch_size)
-    total = steps_per_epoch * settings.epochs
+    share = len(texts) // world_size  # equal shares: every rank takes the same number of steps
+    total = -(-share // settings.batch_size) * settings.epochs
     warmup = max(1, int(total * settings.warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))),
     )
     losses = []
-    with tqdm(total=total, desc=desc, unit="step") as bar:
+    with tqdm(total=total, desc=desc, unit="step", disable=rank != 0) as bar:
         for epoch in range(settings.epochs):
             order = list(range(len(texts)))
             order_rng.shuffle(order)
+            mine = order[rank * share : (rank + 1) * share]
             epoch_loss = 0.0
-            for start in range(0, len(order), settings.batch_size):
-                batch = order[start : start + settings.batch_size]
-                encoded = tokenizer(
-                    [texts[i] for i in batch],
-                    padding=True,
-                    truncation=True,
-                    max_length=settings.max_tokens,
-                    return_tensors="pt",
-                ).to(device)
-                target = torch.tensor([labels[i] for i in batch], device=device)
-                logits = model(**encoded).logits
-                if soft_targets is None:
-                    loss = nn.functional.cross_entropy(logits, target)
-                else:
-                    teacher = torch.tensor([soft_targets[i] for i in batch], device=device)
-                    loss = distillation_loss(
-                        logits,
-                        teacher,
-                        target,
-                        temperature=settings.temperature,
-                        alpha=settings.alpha,
-                    )
+            for start in range(0, len(mine), settings.batch_size):
+                batch = mine[start : start + settings.batch_size]
+                loss = _batch_loss(
+                    model, tokenizer, texts, labels, soft_targets, batch, settings, device
+                )
                 optimizer.zero_grad()
                 loss.backward()
+                if world_size > 1:
+                    _average_gradients(model, world_size)
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 schedule.step()
                 epoch_loss += loss.item() * len(batch)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            losses.append(epoch_loss / len(texts))
+            losses.append(epoch_loss / len(mine))
     model.eval()
     return losses
+
+
+def _batch_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    labels: list[int],
+    soft_targets: list[list[float]] | None,
+    batch: list[int],
+    settings: TrainSettings,
+    device: torch.device,
+) -> torch.Tensor:
+    encoded = tokenizer(
+        [texts[i] for i in batch],
+        padding=True,
+        truncation=True,
+        max_length=settings.max_tokens,
+        return_tensors="pt",
+    ).to(device)
+    target = torch.tensor([labels[i] for i in batch], device=device)
+    logits = model(**encoded).logits
+    if soft_targets is None:
+        return nn.functional.cross_entropy(logits, target)
+    teacher = torch.tensor([soft_targets[i] for i in batch], device=device)
+    return distillation_loss(
+        logits, teacher, target, temperature=settings.temperature, alpha=settings.alpha
+    )
+
+
+def _average_gradients(model: PreTrainedModel, world_size: int) -> None:
+    """What DistributedDataParallel does, without wrapping the model: mean of the ranks'
+    gradients (the process group is set up by Ray Train)."""
+    import torch.distributed as dist
+
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world_size
