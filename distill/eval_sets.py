@@ -34,14 +34,15 @@ def holdout_set(data: Path, sentences: int) -> list[bbc.Example]:
     )
 
 
-def teacher_probs(
-    teacher: Classifier, examples: list[bbc.Example], cache: Path, name: str
+def cached_probs(
+    model: Classifier, examples: list[bbc.Example], cache: Path, name: str
 ) -> np.ndarray:
-    """The teacher's probabilities on ``examples``, computed once per teacher version."""
-    path = cache / f"teacher-{teacher.version}" / f"{name}-{len(examples)}.npy"
+    """A model's probabilities on a fixed set, computed once per version (versions are
+    immutable and content-addressed, so the cache never goes stale)."""
+    path = cache / model.version / f"{name}-{len(examples)}.npy"
     if path.exists():
         return np.load(path)
-    probs = predict_all(teacher, [e.text for e in examples], desc=f"teacher: {name}")
+    probs = predict_all(model, [e.text for e in examples], desc=f"{model.version}: {name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial.npy")
     np.save(tmp, probs)

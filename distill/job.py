@@ -21,8 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from distill import bbc
 from distill.config import DistillConfig
 from distill.dataset import Window, read_watermark, read_window, write_watermark
-from distill.eval_sets import calibration_set, gold, holdout_set, teacher_probs
-from distill.evaluate import predict_all
+from distill.eval_sets import cached_probs, calibration_set, gold, holdout_set
 from distill.finetune import TrainSettings, fine_tune
 from distill.gate import ModelEval, evaluate, gate, make_calibration
 from distill.lock import run_lock
@@ -81,7 +80,7 @@ def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[
             "current": current,
             "window": window.describe(),
         }
-    cache = config.data_dir / "teacher-scores"
+    cache = config.data_dir / "scores"
     texts, soft, labels = _training_set(config, window, teacher, cache)
     staged, losses = _train_candidate(config, registry, current, texts, soft, labels, run_id)
     try:
@@ -103,7 +102,7 @@ def _training_set(
     labels = [r.labels.index(r.gold_label or r.teacher_label) for r in records]
     if config.replay.seed_examples:
         seed = bbc.read_split(config.data_dir, "seed")
-        probs = teacher_probs(teacher, seed, cache, "seed")
+        probs = cached_probs(teacher, seed, cache, "seed")
         texts += [e.text for e in seed]
         soft += probs.tolist()
         labels += gold(seed).tolist()
@@ -169,61 +168,80 @@ def _judge_and_publish(
     losses: list[float],
     examples: int,
 ) -> dict[str, Any]:
-    calibration = calibration_set(config.data_dir, CALIBRATION_SIZE)
-    cal_teacher = teacher_probs(teacher, calibration, cache, "calibration")
-    hold_teacher = teacher_probs(teacher, holdout, cache, "holdout")
-    gold_rows = np.array([e.kind == "headline" for e in holdout])
-    hold_gold = gold([e for e in holdout if e.kind == "headline"])
-    target = config.gate.target_agreement
-
-    def judge(folder: Path, version: str) -> tuple[ModelEval, Calibration]:
-        student = Classifier(folder, device=config.device)
-        cal = make_calibration(
-            predict_all(student, [e.text for e in calibration], desc=f"{version}: calibration"),
-            cal_teacher,
-            f"{len(calibration)} BBC inputs ({int(sum(e.kind == 'headline' for e in calibration))} headlines, the rest sentences)",
-        )
-        probs = predict_all(student, [e.text for e in holdout], desc=f"{version}: holdout")
-        return evaluate(version, cal, probs, hold_teacher, hold_gold, gold_rows, target), cal
-
-    candidate_version = f"student-{weights_digest(staged)}"
-    current_eval, _ = judge(registry.path(current), current)
-    candidate_eval, candidate_cal = judge(staged, candidate_version)
+    candidate = f"student-{weights_digest(staged)}"
+    training = {
+        "window": window.describe(),
+        "examples": examples,
+        "epoch_losses": losses,
+        "loss": config.loss.model_dump(),
+        "train": config.train.model_dump(),
+        "watermark": window.watermark,
+    }
+    manifest = ModelManifest(  # written before judging: the score cache is keyed by version
+        version=candidate,
+        role="student",
+        parent=current,
+        created_at=time.time(),
+        labels=bbc.LABELS,
+        default_target=DefaultTarget(target_agreement=config.gate.target_agreement),
+        training=training,
+    )
+    write_manifest(staged, manifest)
+    judge = _Judge(config, teacher, holdout, cache)
+    current_eval, _ = judge(registry.path(current))
+    candidate_eval, calibration = judge(staged)
     promote, why = gate(candidate_eval, current_eval, config.gate)
-    report: dict[str, Any] = {
+    if promote:
+        eval_figures = {k: v for k, v in candidate_eval.as_dict().items() if isinstance(v, float)}
+        write_manifest(
+            staged, manifest.model_copy(update={"calibration": calibration, "eval": eval_figures})
+        )
+        registry.publish(staged)
+        registry.promote(candidate)
+    write_watermark(registry.root, window.watermark)  # consumed, promoted or not
+    return {
         "result": "promoted" if promote else "rejected",
         "reason": why,
         "current": current,
-        "candidate": candidate_version,
+        "candidate": candidate,
         "window": window.describe(),
         "training_examples": examples,
         "epoch_losses": losses,
         "eval": {"current": current_eval.as_dict(), "candidate": candidate_eval.as_dict()},
         "holdout_inputs": len(holdout),
     }
-    if promote:
-        write_manifest(
-            staged,
-            ModelManifest(
-                version=candidate_version,
-                role="student",
-                parent=current,
-                created_at=time.time(),
-                labels=bbc.LABELS,
-                default_target=DefaultTarget(target_agreement=target),
-                calibration=candidate_cal,
-                eval={k: v for k, v in candidate_eval.as_dict().items() if isinstance(v, float)},
-                training={
-                    "window": window.describe(),
-                    "examples": examples,
-                    "epoch_losses": losses,
-                    "loss": config.loss.model_dump(),
-                    "train": config.train.model_dump(),
-                    "watermark": window.watermark,
-                },
-            ),
+
+
+class _Judge:
+    """Scores a student version on the fixed calibration and holdout traffic (cached per
+    version) and evaluates it as it would serve, at its own calibrated threshold."""
+
+    def __init__(
+        self, config: DistillConfig, teacher: Classifier, holdout: list[bbc.Example], cache: Path
+    ) -> None:
+        self.config, self.holdout, self.cache = config, holdout, cache
+        self.calibration = calibration_set(config.data_dir, CALIBRATION_SIZE)
+        self.cal_teacher = cached_probs(teacher, self.calibration, cache, "calibration")
+        self.hold_teacher = cached_probs(teacher, holdout, cache, "holdout")
+        self.gold_rows = np.array([e.kind == "headline" for e in holdout])
+        self.gold = gold([e for e in holdout if e.kind == "headline"])
+
+    def __call__(self, folder: Path) -> tuple[ModelEval, Calibration]:
+        student = Classifier(folder, device=self.config.device)
+        headlines = sum(e.kind == "headline" for e in self.calibration)
+        calibration = make_calibration(
+            cached_probs(student, self.calibration, self.cache, "calibration"),
+            self.cal_teacher,
+            f"{len(self.calibration)} BBC inputs ({headlines} headlines, the rest sentences)",
         )
-        registry.publish(staged)
-        registry.promote(candidate_version)
-    write_watermark(registry.root, window.watermark)  # consumed, promoted or not
-    return report
+        probs = cached_probs(student, self.holdout, self.cache, "holdout")
+        figures = evaluate(
+            student.version,
+            calibration,
+            probs,
+            self.hold_teacher,
+            self.gold,
+            self.gold_rows,
+            self.config.gate.target_agreement,
+        )
+        return figures, calibration

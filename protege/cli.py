@@ -45,7 +45,7 @@ def _models_build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from protege.gateway_process import load_serve_config, running_gateway
+    from protege.gateway_process import RegistryFollower, load_serve_config, running_gateway
 
     config = load_serve_config(args.config)
     stop = threading.Event()
@@ -53,6 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
         config, port=args.port, metrics_port=args.metrics_port, ingress=args.ingress
     ) as url:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # after ray.init, which sets its own
+        registry = config["applications"][0].get("args", {}).get("registry")
+        if registry:
+            RegistryFollower(config, Path(registry)).start()  # promotions hot-swap in place
         print(f"protege is serving at {url} (docs: {url}/docs); Ctrl-C stops it", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while not stop.wait(0.5):
@@ -63,7 +66,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from protege.demo import run_demo
 
-    run_demo(args.cache, args.config, args.stream_size, args.concurrency, args.port, args.out)
+    run_demo(
+        args.cache, args.config, args.rounds, args.chunk, args.concurrency, args.port, args.out
+    )
     return 0
 
 
@@ -101,10 +106,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy")
     serve.set_defaults(func=_serve)
 
-    demo = sub.add_parser("demo", help="build if needed, serve, send the stream, print the table")
+    demo = sub.add_parser("demo", help="the learning loop: serve, distil, gate, hot-swap, repeat")
     demo.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     demo.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
-    demo.add_argument("--stream-size", type=int, default=1500)
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--chunk", type=int, default=1200, help="stream inputs served per round")
     demo.add_argument("--concurrency", type=int, default=8)
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--out", type=Path, default=Path("var/demo"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from serving import local_ray
 from serving.client import ProtegeClient
+from serving.registry import Registry
 
 DEFAULT_CONFIG = Path("deploy/serve_config.yaml")
 
@@ -52,3 +54,35 @@ def running_gateway(
         yield url
     finally:
         local_ray.stop()
+
+
+def with_student(config: dict[str, Any], version: str) -> dict[str, Any]:
+    """The same Serve config with the Gateway's ``user_config`` naming ``version``: deployed,
+    only that changes, so Serve reconfigures the live replicas in place (no restart)."""
+    updated = copy.deepcopy(config)
+    for app in updated["applications"]:
+        deployments = app.setdefault("deployments", [])
+        gateway = next((d for d in deployments if d.get("name") == "Gateway"), None)
+        if gateway is None:
+            gateway = {"name": "Gateway"}
+            deployments.append(gateway)
+        gateway["user_config"] = {"student_version": version}
+    return updated
+
+
+class RegistryFollower(threading.Thread):
+    """Polls the registry's current pointer and applies each move to the running gateway."""
+
+    def __init__(self, config: dict[str, Any], registry: Path, every_s: float = 2.0) -> None:
+        super().__init__(daemon=True, name="registry-follower")
+        self.config, self.registry, self.every_s = config, Registry(registry), every_s
+        self.applied = self.registry.current()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            current = self.registry.current()
+            if current and current != self.applied:
+                print(f"registry current -> {current}: hot-swapping the student", flush=True)
+                local_ray.deploy_config(with_student(self.config, current), Path.cwd())
+                self.applied = current
