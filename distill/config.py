@@ -63,6 +63,9 @@ class DistillConfig(_Strict):
     teacher: Path = Field(description="Teacher model folder (scores replay and evaluation data)")
     min_records: NonNegativeInt = Field(default=50, description="Fewer new records: nothing to do")
     holdout_sentences: NonNegativeInt = Field(default=2000, description="Evaluation traffic size")
+    calibration_size: PositiveInt = Field(
+        default=3000, description="Inputs each version's threshold is calibrated on"
+    )
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     replay: ReplayConfig = ReplayConfig()

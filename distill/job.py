@@ -36,8 +36,6 @@ from serving.manifest import (
 )
 from serving.registry import Registry, RegistryError
 
-CALIBRATION_SIZE = 3000
-
 
 def run(config: DistillConfig) -> dict[str, Any]:
     """Run once; returns the run report (also written to the registry)."""
@@ -220,7 +218,7 @@ class _Judge:
         self, config: DistillConfig, teacher: Classifier, holdout: list[bbc.Example], cache: Path
     ) -> None:
         self.config, self.holdout, self.cache = config, holdout, cache
-        self.calibration = calibration_set(config.data_dir, CALIBRATION_SIZE)
+        self.calibration = calibration_set(config.data_dir, config.calibration_size)
         self.cal_teacher = cached_probs(teacher, self.calibration, cache, "calibration")
         self.hold_teacher = cached_probs(teacher, holdout, cache, "holdout")
         self.gold_rows = np.array([e.kind == "headline" for e in holdout])

@@ -57,13 +57,19 @@ def _load(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from distill.job import run
+    from distill.lock import LockedError
+    from serving.registry import RegistryError
 
     try:
         config = _load(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = run(config)
+    try:
+        report = run(config)
+    except (FileNotFoundError, LockedError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # the run report records it too
+        return 2
     print(summary(report))
     return 0
 

@@ -17,3 +17,13 @@ def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     student = build_tiny(root / "student", seed=1, mean_pool=True)
     teacher = build_tiny(root / "teacher", seed=2, mean_pool=False)
     return student, teacher
+
+
+@pytest.fixture(scope="session")
+def lite_cache(tmp_path_factory) -> Path:
+    """The default-model build on the lite profile: real MiniLM weights and BBC data."""
+    from distill.defaults import build_defaults
+
+    cache = tmp_path_factory.mktemp("cache")
+    build_defaults(cache, "lite", device="cpu")
+    return cache

@@ -15,13 +15,6 @@ from serving.manifest import read_manifest
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def lite_cache(tmp_path_factory) -> Path:
-    cache = tmp_path_factory.mktemp("cache")
-    build_defaults(cache, "lite", device="cpu")
-    return cache
-
-
 def test_build_writes_a_report_and_is_idempotent(lite_cache):
     report = build_defaults(lite_cache, "lite")
     figures = report["holdout"]

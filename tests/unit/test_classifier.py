@@ -41,3 +41,22 @@ def test_missing_folder_and_unavailable_cuda_are_clear(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def test_a_student_with_other_labels_is_refused_for_serving(tmp_path, tiny_pair):
+    from tiny_models import LABELS, build_tiny
+    from transformers import AutoConfig
+
+    from serving.config import CascadeConfig
+    from serving.hot_swap import load_student
+
+    other = build_tiny(tmp_path / "other", seed=4, mean_pool=True)
+    config = AutoConfig.from_pretrained(other)
+    config.id2label = {i: f"topic{i}" for i in range(5)}
+    config.save_pretrained(other)
+    with pytest.raises(ValueError, match="differ from the serving labels"):
+        load_student(other, CascadeConfig(threshold=0.5), "cpu", None, LABELS)
+    assert (
+        load_student(tiny_pair[0], CascadeConfig(threshold=0.5), "cpu", None, LABELS).rule.value
+        == 0.5
+    )
