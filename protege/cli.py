@@ -82,6 +82,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_loop(args: argparse.Namespace) -> int:
+    from protege.bench_loop import run_bench_loop
+
+    run_bench_loop(args.cache, args.config, args.out, args.examples, args.seconds)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="protege", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,6 +133,16 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--ingress", choices=["proxy", "haproxy", "both"], default="both")
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
     bench.set_defaults(func=_bench)
+
+    loop = sub.add_parser(
+        "bench-loop", help="distillation throughput (1 vs 2 workers), latency during swaps"
+    )
+    loop.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    loop.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
+    loop.add_argument("--examples", type=int, default=512)
+    loop.add_argument("--seconds", type=float, default=20.0)
+    loop.add_argument("--out", type=Path, default=Path("bench-results"))
+    loop.set_defaults(func=_bench_loop)
 
     distill_cli.add_parser(sub)
     registry_cli.add_parser(sub)

@@ -96,6 +96,14 @@ def _round_row(number: int, served: Any, report: dict[str, Any]) -> dict[str, An
         "served_inputs": len(outputs),
         "served_escalation_rate": float(np.mean([o.escalated for o in outputs])),
         "failed_requests": served.failures,
+        "throughput_rps": round(served.throughput, 1),
+        "latency_ms": {
+            tier: {
+                "p50": round(served.latency_ms(tier, 50), 1),
+                "p99": round(served.latency_ms(tier, 99), 1),
+            }
+            for tier in ("student", "teacher")
+        },
         "result": report["result"],
         "reason": report["reason"],
     }
@@ -124,11 +132,15 @@ def _summary(registry: Registry, config: Any, rows: list[dict[str, Any]]) -> dic
             )
 
         everything = np.arange(len(holdout))
+        right = student[gold_rows].argmax(1) == gold[gold_rows]
         figures[label] = {
             "version": version,
             "escalation_needed": needed(everything),
             "interval_95": bootstrap_interval(needed, len(holdout)),
+            "student_accuracy": float(right.mean()),
+            "oracle_escalation_rate": float(1 - right.mean()),
         }
+    figures["teacher_accuracy"] = float((teacher[gold_rows].argmax(1) == gold[gold_rows]).mean())
     figures["holdout_inputs"] = len(holdout)
     figures["ratio_final_to_seed"] = figures["final"]["escalation_needed"] / max(
         1e-9, figures["seed"]["escalation_needed"]
@@ -137,9 +149,12 @@ def _summary(registry: Registry, config: Any, rows: list[dict[str, Any]]) -> dic
 
 
 def print_round(row: dict[str, Any]) -> None:
+    lat = row["latency_ms"]
     print(
-        f"round {row['round']}: served by {row['served_version']}, escalation {row['served_escalation_rate']:.1%} "
-        f"of {row['served_inputs']}, {row['failed_requests']} failed; {row['result']}: {row['reason']}"
+        f"round {row['round']}: served by {row['served_version']}: escalation {row['served_escalation_rate']:.1%} "
+        f"of {row['served_inputs']}, {row['throughput_rps']} req/s, p50/p99 student {lat['student']['p50']}/"
+        f"{lat['student']['p99']} ms, teacher {lat['teacher']['p50']}/{lat['teacher']['p99']} ms, "
+        f"{row['failed_requests']} failed\n  {row['result']}: {row['reason']}"
     )
 
 
@@ -174,6 +189,11 @@ def print_summary(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         f"  final {final['version']}: {final['escalation_needed']:.1%} [{final['interval_95'][0]:.1%}, {final['interval_95'][1]:.1%}]"
     )
     print(f"  final / seed = {summary['ratio_final_to_seed']:.2f} (target: at most 0.5)")
+    print(
+        f"gold holdout headlines: teacher {summary['teacher_accuracy']:.1%}; student alone "
+        f"{seed['student_accuracy']:.1%} -> {final['student_accuracy']:.1%}; oracle escalation "
+        f"(exactly the student's errors) {seed['oracle_escalation_rate']:.1%} -> {final['oracle_escalation_rate']:.1%}"
+    )
 
 
 def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
