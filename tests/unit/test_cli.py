@@ -1,0 +1,47 @@
+import argparse
+
+import pytest
+
+from protege.distill_cli import parse_duration, summary
+from protege.gateway_process import with_student
+
+
+def test_durations():
+    assert parse_duration("15m") == 900 and parse_duration("90s") == 90
+    assert parse_duration("1h") == 3600 and parse_duration("42") == 42
+    with pytest.raises(argparse.ArgumentTypeError, match="not a duration"):
+        parse_duration("soon")
+
+
+def test_with_student_changes_only_the_gateway_user_config():
+    config = {
+        "applications": [
+            {
+                "name": "protege",
+                "args": {"cascade": {"scorer": "max_prob"}},
+                "deployments": [{"name": "Gateway", "num_replicas": 2}, {"name": "Teacher"}],
+            }
+        ]
+    }
+    updated = with_student(config, "student-abc")
+    gateway, teacher = updated["applications"][0]["deployments"]
+    assert gateway == {
+        "name": "Gateway",
+        "num_replicas": 2,
+        "user_config": {"student_version": "student-abc"},
+    }
+    assert teacher == {"name": "Teacher"}
+    assert updated["applications"][0]["args"] == config["applications"][0]["args"]
+    assert "user_config" not in config["applications"][0]["deployments"][0]  # a copy
+
+
+def test_run_summary_reads_like_the_report():
+    text = summary(
+        {
+            "run_id": "r1",
+            "result": "nothing-to-do",
+            "reason": "3 new records",
+            "window": {"new_records": 3},
+        }
+    )
+    assert "r1: nothing-to-do - 3 new records" in text and "new_records=3" in text
