@@ -61,7 +61,6 @@ def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[
             f"registry {registry.root} has no current student: "
             "`protege registry import var/cache/models/student --promote` first"
         )
-    teacher = Classifier(config.teacher, device=config.device)
     holdout = holdout_set(config.data_dir, config.holdout_sentences)
     watermark = read_watermark(registry.root)
     window = read_window(
@@ -78,6 +77,7 @@ def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[
             "current": current,
             "window": window.describe(),
         }
+    teacher = Classifier(config.teacher, device=config.device)
     cache = config.data_dir / "scores"
     texts, soft, labels = _training_set(config, window, teacher, cache)
     staged, losses = _train_candidate(config, registry, current, texts, soft, labels, run_id)

@@ -168,6 +168,9 @@ def run_bench_loop(
     build_defaults(cache)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     training = [_training_throughput(cache, examples, w) for w in (1, 2)]
+    import ray
+
+    ray.shutdown()  # Ray Train's local Ray; the gateway starts its own on loopback
     swap = _swap_latency(cache, config_path, out, seconds)
     report = {"training": training, "swap_latency": swap, "machine": {"cpus": os.cpu_count()}}
     out.mkdir(parents=True, exist_ok=True)

@@ -210,12 +210,17 @@ def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> No
     accuracy = [first.get("cascade_accuracy", np.nan)] + [
         r.get("after", {}).get("cascade_accuracy", np.nan) for r in rows
     ]
-    served = [np.nan] + [r["served_escalation_rate"] for r in rows]
+    served = [r["served_escalation_rate"] for r in rows]  # chunk r+1 is served by generation r
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(rounds, escalation, "o-", label="holdout escalation rate (at 97 % teacher agreement)")
-    ax.plot(rounds, served, "s--", label="escalation rate of the served stream chunk")
+    ax.plot(
+        rounds[: len(served)],
+        served,
+        "s--",
+        label="escalation rate while serving the next stream chunk",
+    )
     ax.plot(rounds, accuracy, "^-", label="cascade accuracy on gold headlines")
-    ax.set_xlabel("round (0 = seed student)")
+    ax.set_xlabel("student generation (0 = seed; n = after round n)")
     ax.set_ylim(0, 1)
     ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
