@@ -81,7 +81,9 @@ def escalation_needed(
     accuracy = (teacher_right + student_right) / max(1, is_gold.sum())
     agreement = (k + agree_rest) / n
     teacher_accuracy = teacher_right[-1] / max(1, is_gold.sum())
-    ok = (accuracy >= teacher_accuracy - accuracy_gap - 1e-12) & (agreement >= min_agreement - 1e-12)
+    ok = (accuracy >= teacher_accuracy - accuracy_gap - 1e-12) & (
+        agreement >= min_agreement - 1e-12
+    )
     return float(np.flatnonzero(ok)[0] / n)
 
 
