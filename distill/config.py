@@ -70,6 +70,9 @@ class DistillConfig(_Strict):
     train: TrainConfig = TrainConfig()
     replay: ReplayConfig = ReplayConfig()
     gate: GateConfig = GateConfig()
+    pushgateway: str | None = Field(
+        default=None, description="host:port of a Prometheus Pushgateway for the job's metrics"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distill import bbc
+from distill import bbc, metrics
 from distill.config import DistillConfig
 from distill.dataset import Window, read_watermark, read_window, write_watermark
 from distill.eval_sets import cached_probs, calibration_set, gold, holdout_set
@@ -46,12 +46,29 @@ def run(config: DistillConfig) -> dict[str, Any]:
         try:
             report = _run_locked(config, registry, run_id)
         except Exception as exc:
-            report = {"result": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-            registry.write_run(run_id, {"run_id": run_id, **report, "seconds": time.time() - began})
+            failed = {
+                "run_id": run_id,
+                "result": "failed",
+                "reason": f"{type(exc).__name__}: {exc}",
+                "seconds": round(time.time() - began, 1),
+            }
+            registry.write_run(run_id, failed)
+            metrics.push(config.pushgateway, failed, registry.runs_dir, _last_success(registry))
             raise
     report = {"run_id": run_id, **report, "seconds": round(time.time() - began, 1)}
     registry.write_run(run_id, report)
+    metrics.push(config.pushgateway, report, registry.runs_dir, _last_success(registry))
     return report
+
+
+def _last_success(registry: Registry) -> float | None:
+    """When a run last completed (promoted or rejected), from the run reports' file times."""
+    times = [
+        p.stat().st_mtime
+        for p in registry.runs_dir.glob("*.json")
+        if '"result": "promoted"' in p.read_text() or '"result": "rejected"' in p.read_text()
+    ]
+    return max(times, default=None)
 
 
 def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ cross to the teacher deployment.
 import asyncio
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from serving.config import GatewayConfig, SwapRequest
 from serving.errors import InputError, install_error_handlers
 from serving.escalation_log import EscalationLogWriter, EscalationRecord, Reason
 from serving.hot_swap import ActiveStudent, StudentSlot, import_loader
+from serving.metrics import GatewayMetrics
 from serving.registry import Registry
 from serving.schemas import (
     ClassifyOutput,
@@ -77,8 +79,14 @@ class Gateway:
         initial = loader(
             self._initial_folder(), config.cascade, config.device, config.student.max_tokens, None
         )
+        self.metrics = GatewayMetrics()
         self.slot = StudentSlot(
-            initial, config.cascade, config.device, config.student.max_tokens, loader
+            initial,
+            config.cascade,
+            config.device,
+            config.student.max_tokens,
+            loader,
+            on_result=self._swapped,
         )
         self.labels = initial.model.labels
         self._student_batch.set_max_batch_size(config.batching.max_batch_size)  # type: ignore[attr-defined]
@@ -92,7 +100,22 @@ class Gateway:
         )
         self._background: set[asyncio.Task[None]] = set()
         self._teacher_info: dict[str, Any] | None = None
+        self._serving: tuple[str, str] | None = None
+        self._publish_serving()
         logger.info("student %s ready (%s)", initial.version, initial.rule.description)
+
+    def _swapped(self, result: str, seconds: float) -> None:
+        self.metrics.inc("protege_hot_swaps", result=result)
+        self.metrics.observe("protege_hot_swap_duration_seconds", seconds)
+        self._publish_serving()
+
+    def _publish_serving(self) -> None:
+        student = self.slot.active
+        teacher = self._teacher_info["version"] if self._teacher_info else "unknown"
+        manifest = student.model.manifest
+        figures = {k: v for k, v in (manifest.eval if manifest else {}).items() if 0 <= v <= 1}
+        self.metrics.serving(student.version, teacher, student.rule.value, figures, self._serving)
+        self._serving = (student.version, teacher)
 
     def _initial_folder(self) -> Path:
         current = self.registry.current() if self.registry else None
@@ -168,20 +191,42 @@ class Gateway:
         response: Response,
         x_request_id: str | None = Header(default=None, max_length=128),
     ) -> ClassifyResponse:
-        self._check_limits(request.inputs)
+        began = time.perf_counter()
+        try:
+            self._check_limits(request.inputs)
+        except InputError:
+            self.metrics.rejected()
+            raise
         # Serve's proxy adopts a client's x-request-id and echoes it in the response
         request_id = x_request_id or serve.context._get_serve_request_context().request_id
         outputs = await self._cascade(request, request_id or uuid.uuid4().hex)
+        self.metrics.request(
+            [o.tier for o in outputs],
+            [o.degraded for o in outputs],
+            [o.confidence for o in outputs],
+            [self._reason(o, request.force_tier) for o in outputs],
+            time.perf_counter() - began,
+        )
         if len(outputs) == 1:
             response.headers["x-protege-tier"] = outputs[0].tier
             response.headers["x-protege-model-version"] = outputs[0].model_version
         return ClassifyResponse(request_id=request_id, outputs=outputs)
 
+    @staticmethod
+    def _reason(output: ClassifyOutput, force_tier: str | None) -> str | None:
+        if not output.escalated:
+            return None
+        return "forced" if force_tier == "teacher" else "low_confidence"
+
     # --- the cascade ----------------------------------------------------------------------
 
     async def _cascade(self, request: ClassifyRequest, request_id: str) -> list[ClassifyOutput]:
         texts = request.inputs
+        began = time.perf_counter()
         rows = await asyncio.gather(*(self._student_batch(t) for t in texts))
+        self.metrics.observe(
+            "protege_stage_latency_seconds", time.perf_counter() - began, stage="student"
+        )
         batch = StudentAnswers(
             request_id=request_id,
             texts=texts,
@@ -218,6 +263,7 @@ class Gateway:
         self, texts: list[str]
     ) -> list[tuple[np.ndarray, bool, ActiveStudent]]:
         student = self.slot.active  # read once: a swap during this batch does not split it
+        self.metrics.observe("protege_batch_size", len(texts), model="student")
         prediction = await asyncio.to_thread(student.model.predict, texts)
         return [
             (p, cut, student) for p, cut in zip(prediction.probs, prediction.truncated, strict=True)
@@ -226,11 +272,18 @@ class Gateway:
     async def _ask_teacher(self, texts: list[str]) -> list[dict[str, Any]] | None:
         """The teacher's answers, or None when it fails or times out (answer degraded)."""
         calls = [self.teacher.predict_one.remote(t) for t in texts]
+        began = time.perf_counter()
         try:
-            return list(
+            answers = list(
                 await asyncio.wait_for(asyncio.gather(*calls), self.config.teacher_timeout_s)
             )
+            self.metrics.observe(
+                "protege_stage_latency_seconds", time.perf_counter() - began, stage="teacher"
+            )
+            return answers
         except Exception as exc:  # timeout, dead replica, model error: the student answers
+            kind = "timeout" if isinstance(exc, asyncio.TimeoutError | TimeoutError) else "error"
+            self.metrics.inc("protege_teacher_failures", kind=kind)
             for call in calls:
                 call.cancel()
             logger.warning("teacher failed for %d inputs: %r", len(texts), exc)
@@ -300,6 +353,10 @@ class Gateway:
     async def _audit(self, batch: StudentAnswers, decision: Decision, chosen: list[int]) -> None:
         answers = await self._ask_teacher([batch.texts[i] for i in chosen])
         if answers is not None:
+            for i, answer in zip(chosen, answers, strict=True):
+                agree = int(np.argmax(answer["probs"])) == int(np.argmax(batch.probs[i]))
+                self.metrics.inc("protege_audits", agreement="agree" if agree else "disagree")
+                self.metrics.inc("protege_escalations", reason="audit")
             self._write(
                 [
                     self._record(batch, decision, i, a, "audit")
@@ -308,10 +365,16 @@ class Gateway:
             )
 
     def _write(self, records: list[EscalationRecord]) -> None:
+        before = (self.log.bytes_written, self.log.rotations)
         try:
             self.log.append(records)
-        except OSError:
+        except (OSError, RuntimeError):
+            self.metrics.inc("protege_log_write_errors")
             logger.exception("escalation log write failed for %d records", len(records))
+            return
+        self.metrics.log_written(
+            len(records), self.log.bytes_written - before[0], self.log.rotations - before[1]
+        )
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -341,6 +404,7 @@ class Gateway:
                     f"teacher labels {info['labels']} differ from the student's {self.labels}"
                 )
             self._teacher_info = info
+            self._publish_serving()
         return self._teacher_info
 
     def __del__(self) -> None:

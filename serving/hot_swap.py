@@ -93,9 +93,11 @@ class StudentSlot:
         device: str,
         max_tokens: int | None,
         loader: Loader | None = None,
+        on_result: Callable[[str, float], None] | None = None,
     ):
         self.active = initial
         self._loader = loader or load_student
+        self._on_result = on_result or (lambda result, seconds: None)
         self.stats = SwapStats(history=[initial.version])
         self._cascade, self._device, self._max_tokens = cascade, device, max_tokens
         self._lock = threading.Lock()
@@ -141,6 +143,7 @@ class StudentSlot:
             logger.error(
                 "hot swap to %s rejected, still serving %s: %s", version, self.active.version, exc
             )
+            self._on_result("failure", time.perf_counter() - began)
             return
         with self._lock:
             previous = self.active.version
@@ -150,3 +153,4 @@ class StudentSlot:
             self.stats.loading = None
             self.stats.history.append(version)
         logger.info("hot swap %s -> %s in %.2f s", previous, version, self.stats.last_swap_seconds)
+        self._on_result("success", time.perf_counter() - began)

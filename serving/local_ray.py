@@ -29,6 +29,8 @@ QUIET_ENV = {
     # and runtime-env agents on the machine's external address and gRPC on all interfaces.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # counters export once, as <name>_total (not also as a gauge of the same name)
+    "RAY_EXPORT_COUNTER_AS_GAUGE": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -51,12 +53,13 @@ def ingress_env(ingress: Ingress, haproxy_ports: tuple[int, int] = (9101, 8404))
 
 def start(
     http_port: int = DEFAULT_HTTP_PORT,
-    metrics_port: int = DEFAULT_METRICS_PORT,
+    metrics_port: int | None = DEFAULT_METRICS_PORT,
     num_cpus: int | None = None,
     ingress: Ingress = "proxy",
     haproxy_ports: tuple[int, int] = (9101, 8404),
 ) -> None:
     """``ray.init`` a fresh local cluster on loopback and start Serve's HTTP ingress there."""
+    check_metrics_port(metrics_port)
     env = {**QUIET_ENV, **ingress_env(ingress, haproxy_ports)}
     for key, value in env.items():
         os.environ.setdefault(key, value)
@@ -81,6 +84,20 @@ def start(
         http_options={"host": LOOPBACK, "port": http_port},
         logging_config={"enable_access_log": False},
     )
+
+
+def check_metrics_port(port: int | None) -> None:
+    """Prometheus scrapes Ray's metrics agent on this port: it must be set and valid."""
+    if port is None:
+        raise ValueError(
+            "metrics_port is required: Ray exports the gateway's metrics there (Prometheus "
+            f"scrapes it); for example --metrics-port {DEFAULT_METRICS_PORT}"
+        )
+    if not 1024 <= port <= 65535 or 10002 <= port <= 19999:
+        raise ValueError(
+            f"metrics_port {port} is not usable: pick 1024-65535 outside 10002-19999 "
+            "(Ray's worker ports)"
+        )
 
 
 def deploy_config(config: dict[str, Any], base: Path) -> None:

@@ -10,6 +10,7 @@ from ray import serve
 
 from serving.classifier import Classifier
 from serving.config import BatchingConfig, ModelSpec
+from serving.metrics import Metrics
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
@@ -25,6 +26,7 @@ class Teacher:
             torch.set_num_threads(torch_threads)
         self.model = Classifier(spec.path, device=device, max_tokens=spec.max_tokens)
         self.model.warm_up()
+        self.metrics = Metrics()
         self.predict_one.set_max_batch_size(batching.max_batch_size)  # type: ignore[attr-defined]
         self.predict_one.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
@@ -39,6 +41,7 @@ class Teacher:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_one(self, texts: list[str]) -> list[dict[str, Any]]:
         """One text in, its probabilities out; Serve gathers concurrent calls into a batch."""
+        self.metrics.observe("protege_batch_size", len(texts), model="teacher")
         prediction = await asyncio.to_thread(self.model.predict, texts)
         return [
             {"probs": row.tolist(), "truncated": cut, "version": self.model.version}

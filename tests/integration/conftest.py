@@ -32,7 +32,13 @@ def wait_for(
 
 
 @pytest.fixture(scope="session")
-def serve_cluster() -> Iterator[int]:
+def metrics_port() -> int:
+    """Ray's metrics export port for the session (Prometheus tests scrape it)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(metrics_port) -> Iterator[int]:
     from serving import local_ray
 
     # replicas import test-only helpers (tests/support) through PYTHONPATH
@@ -42,7 +48,7 @@ def serve_cluster() -> Iterator[int]:
     )
     port = free_port()
     # logical CPUs: several small apps share this 2-core machine during the session
-    local_ray.start(http_port=port, metrics_port=free_port(), num_cpus=16)
+    local_ray.start(http_port=port, metrics_port=metrics_port, num_cpus=16)
     yield port
     local_ray.stop()
 

@@ -1,0 +1,99 @@
+"""The distillation job's metrics, pushed to a Prometheus Pushgateway when one is configured.
+
+The job is not a Serve replica, so it uses prometheus_client directly. Every figure is
+also in the run report and the version's manifest; the push is for dashboards and alerts.
+Run counts are read from the registry's run reports, so they are cumulative and survive
+restarts even though each push replaces the job's previous group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
+logger = logging.getLogger(__name__)
+JOB = "protege_distill"
+RESULTS = ("promoted", "rejected", "nothing-to-do", "failed")
+
+
+def run_counts(runs_dir: Path) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        try:
+            counts[json.loads(path.read_text()).get("result", "unknown")] += 1
+        except (OSError, ValueError):
+            counts["unreadable"] += 1
+    return counts
+
+
+def collect(
+    report: dict[str, Any], runs_dir: Path, last_success: float | None
+) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    runs = Gauge(
+        "protege_distill_runs_total",
+        "Distillation runs by result (from the run reports)",
+        ["result"],
+        registry=registry,
+    )
+    counts = run_counts(runs_dir)
+    for result in sorted(set(RESULTS) | set(counts)):
+        runs.labels(result=result).set(counts.get(result, 0))
+    Gauge(
+        "protege_distill_last_run_timestamp_seconds", "When the last run ended", registry=registry
+    ).set(time.time())
+    Gauge(
+        "protege_distill_last_run_duration_seconds", "How long the last run took", registry=registry
+    ).set(float(report.get("seconds", 0.0)))
+    if last_success is not None:
+        Gauge(
+            "protege_distill_last_success_timestamp_seconds",
+            "When a run last completed (promoted or rejected)",
+            registry=registry,
+        ).set(last_success)
+    window = report.get("window", {})
+    Gauge(
+        "protege_distill_records_consumed",
+        "New escalation records in the last run's window",
+        registry=registry,
+    ).set(float(window.get("new_records", 0)))
+    losses = report.get("epoch_losses") or []
+    if losses:
+        Gauge(
+            "protege_distill_final_loss", "Mean training loss of the last epoch", registry=registry
+        ).set(float(losses[-1]))
+    evals = report.get("eval", {})
+    if evals:
+        figures = Gauge(
+            "protege_distill_eval",
+            "Holdout figures of the last run (ratios)",
+            ["model", "figure"],
+            registry=registry,
+        )
+        for model, values in evals.items():
+            for figure, value in values.items():
+                if isinstance(value, float):
+                    figures.labels(model=model, figure=figure).set(value)
+    return registry
+
+
+def push(
+    address: str | None, report: dict[str, Any], runs_dir: Path, last_success: float | None
+) -> bool:
+    """Push when ``address`` is set; a Pushgateway that is down is a warning, never a failure."""
+    if not address:
+        return False
+    try:
+        push_to_gateway(
+            address, job=JOB, registry=collect(report, runs_dir, last_success), timeout=5
+        )
+    except OSError as exc:
+        logger.warning("could not push distillation metrics to %s: %s", address, exc)
+        return False
+    return True

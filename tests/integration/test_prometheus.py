@@ -1,0 +1,307 @@
+"""Metrics proven against a real Prometheus (Debian's package) scraping the real Ray metrics
+port of a real local Ray Serve app, plus a real Pushgateway for the distillation job."""
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import free_port, tiny_config, wait_for
+from ray import serve
+from tiny_models import LABELS, build_tiny
+
+from distill import metrics as distill_metrics
+from protege.gateway_process import with_student
+from serving import local_ray
+from serving.app import build_app
+from serving.client import ProtegeClient
+from serving.manifest import ModelManifest, weights_digest, write_manifest
+from serving.registry import Registry
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "protege.json"
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+APP = "metrics"
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.fail(
+            f"{binary} is not installed: `make install` installs Debian's prometheus packages"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def pushgateway(tmp_path_factory):
+    port = free_port()
+    proc = subprocess.Popen(
+        [need("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: _ok(f"http://127.0.0.1:{port}/-/ready"), timeout_s=30)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory, metrics_port, serve_cluster, pushgateway):
+    folder = tmp_path_factory.mktemp("prometheus")
+    shutil.copy(RULES, folder / "rules.yml")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["rules.yml"],
+        "scrape_configs": [
+            {
+                "job_name": "protege-ray",
+                "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+            },
+            {
+                "job_name": "protege-distill",
+                "honor_labels": True,
+                "static_configs": [{"targets": [pushgateway]}],
+            },
+        ],
+    }
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            need("prometheus"),
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _ok(f"{url}/-/ready"), timeout_s=60)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def query(prometheus: str, expr: str) -> list[dict]:
+    body = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert body["status"] == "success", f"{expr!r}: {body}"
+    return body["data"]["result"]
+
+
+def scalar(prometheus: str, expr: str) -> float | None:
+    result = query(prometheus, expr)
+    return float(result[0]["value"][1]) if result else None
+
+
+def add_version(registry: Registry, tmp_path: Path, seed: int) -> str:
+    staged = build_tiny(tmp_path / f"v{seed}", seed=seed, mean_pool=True)
+    version = f"student-{weights_digest(staged)}"
+    write_manifest(
+        staged,
+        ModelManifest(
+            version=version,
+            role="student",
+            created_at=time.time(),
+            labels=LABELS,
+            eval={"escalation_rate": 0.2, "cascade_accuracy": 0.9},
+        ),
+    )
+    return registry.publish(staged)
+
+
+@pytest.fixture(scope="module")
+def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory):
+    """Known traffic: 10 student-only requests, 6 forced to the teacher, 4 refused, audits of
+    the kept ones, a rotated log, one hot swap, one pushed distillation run."""
+    tmp = tmp_path_factory.mktemp("metrics-app")
+    registry = Registry(tmp / "registry")
+    first, second = add_version(registry, tmp, 31), add_version(registry, tmp, 32)
+    registry.promote(first)
+    args = tiny_config(
+        tiny_pair,
+        tmp / "log",
+        registry=str(registry.root),
+        cascade={"threshold": 0.5, "audit_fraction": 1.0},
+        log={"dir": str(tmp / "log"), "max_segment_bytes": 3000, "fsync_interval_s": 0.2},
+    )
+    app = {
+        "applications": [
+            {
+                "name": APP,
+                "route_prefix": f"/{APP}",
+                "import_path": "serving.app:build_app",
+                "args": args,
+                "deployments": [{"name": "Gateway", "user_config": {}}],
+            }
+        ]
+    }
+    local_ray.deploy_config(app, tmp)
+    url = f"http://127.0.0.1:{serve_cluster}/{APP}"
+    with ProtegeClient(url, timeout=60) as client:
+        client.wait_ready(120)
+        for i in range(10):
+            client.classify(f"student headline {i}", force_tier="student")
+        for i in range(6):
+            client.classify(f"teacher headline {i}", force_tier="teacher")
+        for body in (
+            {"inputs": []},
+            {"inputs": [" "]},
+            {"inputs": ["x" * 301]},
+            {"inputs": ["a"] * 9},
+        ):
+            assert httpx.post(f"{url}/v1/classify", json=body).status_code == 422
+        local_ray.deploy_config(with_student(app, second), tmp)
+        wait_for(lambda: client.models().student.version == second, timeout_s=60)
+    # a teacher that always times out: degraded answers and teacher failures
+    serve.run(
+        build_app(tiny_config(tiny_pair, tmp / "log2", teacher_timeout_s=0.001)),
+        name=f"{APP}-degraded",
+        route_prefix=f"/{APP}-degraded",
+    )
+    with ProtegeClient(f"{url}-degraded", timeout=60) as degraded:
+        degraded.wait_ready(120)
+        assert all(o.degraded for o in degraded.classify(["one", "two"], threshold=1.0).outputs)
+    runs = tmp / "runs"
+    runs.mkdir()
+    report = {
+        "run_id": "r1",
+        "result": "promoted",
+        "seconds": 12.5,
+        "window": {"new_records": 400},
+        "epoch_losses": [0.9, 0.5],
+        "eval": {"current": {"escalation_rate": 0.4}, "candidate": {"escalation_rate": 0.2}},
+    }
+    (runs / "r1.json").write_text(json.dumps(report))
+    assert distill_metrics.push(pushgateway, report, runs, time.time())
+    yield
+    serve.delete(APP)
+    serve.delete(f"{APP}-degraded")
+
+
+def test_counts_match_the_traffic_sent(prometheus, traffic):
+    base = f'application="{APP}"'
+    wait_for(
+        lambda: scalar(prometheus, f'sum(ray_protege_requests_total{{{base},outcome="ok"}})') == 16,
+        timeout_s=90,
+    )
+    assert scalar(prometheus, f'sum(ray_protege_requests_total{{{base},outcome="rejected"}})') == 4
+    assert scalar(prometheus, f'sum(ray_protege_requests_total{{{base},tier="teacher"}})') == 6
+    assert scalar(prometheus, f'sum(ray_protege_escalations_total{{{base},reason="forced"}})') == 6
+    ratio = scalar(
+        prometheus,
+        f'sum(ray_protege_escalations_total{{{base},reason!="audit"}}) / sum(ray_protege_inputs_total{{{base}}})',
+    )
+    assert ratio == pytest.approx(6 / 16)
+    assert scalar(prometheus, f"sum(ray_protege_request_latency_seconds_count{{{base}}})") == 16
+    assert scalar(prometheus, f"sum(ray_protege_confidence_count{{{base}}})") == 16
+    assert (
+        scalar(
+            prometheus, f'sum(ray_protege_stage_latency_seconds_count{{{base},stage="teacher"}})'
+        )
+        >= 6
+    )
+    wait_for(
+        lambda: (
+            scalar(prometheus, f'sum(ray_protege_hot_swaps_total{{{base},result="success"}})') == 1
+        ),
+        timeout_s=60,
+    )
+    # audits of the 10 kept inputs land in the log with the 6 forced ones: 16 records
+    wait_for(
+        lambda: scalar(prometheus, f"sum(ray_protege_log_records_total{{{base}}})") == 16,
+        timeout_s=60,
+    )
+    assert scalar(prometheus, f"sum(ray_protege_log_rotations_total{{{base}}})") >= 1
+    degraded = 'application="metrics-degraded"'
+    wait_for(
+        lambda: (
+            scalar(prometheus, f'sum(ray_protege_inputs_total{{{degraded},outcome="degraded"}})')
+            == 2
+        ),
+        timeout_s=60,
+    )
+    assert (
+        scalar(prometheus, f'sum(ray_protege_teacher_failures_total{{{degraded},kind="timeout"}})')
+        == 1
+    )
+
+
+def test_no_metric_carries_user_text_or_request_ids(prometheus, traffic):
+    wait_for(
+        lambda: scalar(prometheus, f'sum(ray_protege_requests_total{{application="{APP}"}})'),
+        timeout_s=90,
+    )
+    series = httpx.get(
+        f"{prometheus}/api/v1/series", params={"match[]": '{__name__=~"ray_protege_.*"}'}
+    ).json()["data"]
+    values = {v for s in series for k, v in s.items()}
+    assert not any("headline" in v for v in values)
+    assert {k for s in series for k in s} <= {
+        "__name__",
+        "instance",
+        "job",
+        "application",
+        "deployment",
+        "replica",
+        "tier",
+        "outcome",
+        "reason",
+        "kind",
+        "stage",
+        "model",
+        "le",
+        "student_version",
+        "teacher_version",
+        "figure",
+        "result",
+        "agreement",
+        "Version",
+        "SessionName",
+        "NodeAddress",
+        "Component",
+        "WorkerId",
+        "otel_scope_name",
+    }
+
+
+def dashboard_exprs() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [t["expr"] for p in panels for t in p["targets"]]
+
+
+def rule_exprs() -> list[str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [r["expr"] for g in groups for r in g["rules"]]
+
+
+def without_comparison(expr: str) -> str:
+    """An alert's expression less its threshold: the part that must return series."""
+    return re.split(r"\s(?:>|<|==|>=|<=)\s[\d.e*\s]+$", expr.strip())[0]
+
+
+@pytest.mark.parametrize("expr", dashboard_exprs() + rule_exprs())
+def test_every_dashboard_and_rule_expression_runs_and_returns_series(prometheus, traffic, expr):
+    query(prometheus, expr)  # the whole expression parses
+    wait_for(lambda: query(prometheus, without_comparison(expr)), timeout_s=90)
+
+
+def test_dashboard_datasource_is_a_variable():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert any(v["type"] == "datasource" for v in dashboard["templating"]["list"])
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {"${datasource}"}

@@ -1,0 +1,48 @@
+import json
+import logging
+
+import pytest
+
+from distill import metrics as distill_metrics
+from serving import local_ray
+from serving.metrics import SPECS
+
+
+def test_a_pushgateway_that_is_down_is_a_warning_not_a_failure(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    report = {"result": "promoted", "seconds": 1.0}
+    assert distill_metrics.push("127.0.0.1:9", report, tmp_path, None) is False  # nothing listens
+    assert "could not push distillation metrics" in caplog.text
+    assert distill_metrics.push(None, report, tmp_path, None) is False  # not configured: silent
+
+
+def test_run_counts_come_from_the_run_reports(tmp_path):
+    for i, result in enumerate(["promoted", "rejected", "rejected", "failed"]):
+        (tmp_path / f"r{i}.json").write_text(json.dumps({"result": result}))
+    registry = distill_metrics.collect({"result": "failed"}, tmp_path, None)
+    counts = {
+        s.labels["result"]: s.value
+        for m in registry.collect()
+        if m.name == "protege_distill_runs_total"
+        for s in m.samples
+    }
+    assert counts == {"promoted": 1, "rejected": 2, "failed": 1, "nothing-to-do": 0}
+
+
+def test_missing_or_bad_metrics_port_is_a_clear_error():
+    with pytest.raises(ValueError, match="metrics_port is required"):
+        local_ray.check_metrics_port(None)
+    with pytest.raises(ValueError, match="outside 10002-19999"):
+        local_ray.check_metrics_port(15000)
+    local_ray.check_metrics_port(8080)
+
+
+def test_metric_names_follow_prometheus_conventions():
+    for spec in SPECS:
+        assert spec.name.startswith("protege_")
+        assert not spec.name.endswith("_total")  # Ray appends it to counters
+        assert "request_id" not in spec.tags and "text" not in spec.tags
+        if spec.kind == "histogram":
+            assert list(spec.buckets) == sorted(spec.buckets)
+        if "latency" in spec.name or "duration" in spec.name:
+            assert spec.name.endswith("_seconds")
