@@ -139,16 +139,7 @@ def _train_candidate(
     model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(source)
     t = config.train
-    settings = TrainSettings(
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr_encoder=t.lr_encoder,
-        lr_head=t.lr_head,
-        max_tokens=t.max_tokens,
-        seed=t.seed,
-        temperature=config.loss.temperature,
-        alpha=config.loss.alpha,
-    )
+    settings = TrainSettings(**t.model_dump(exclude={"workers"}), **config.loss.model_dump())
     if t.workers > 1:
         from distill.ray_train import train_with_ray
 
