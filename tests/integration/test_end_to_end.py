@@ -30,7 +30,10 @@ def test_build_writes_a_report_and_is_idempotent(lite_cache):
 
 def test_default_models_serve_from_the_shipped_config(lite_cache, deploy, tmp_path):
     config = load_serve_config(
-        Path("deploy/serve_config.yaml"), lite_cache, log={"dir": str(tmp_path)}
+        Path("deploy/serve_config.yaml"),
+        lite_cache,
+        log={"dir": str(tmp_path / "log")},
+        registry=str(tmp_path / "registry"),  # empty: the student folder serves
     )
     client = deploy("defaults", config["applications"][0]["args"])
     student = read_manifest(lite_cache / "models" / "student")
@@ -47,4 +50,4 @@ def test_default_models_serve_from_the_shipped_config(lite_cache, deploy, tmp_pa
     texts = ["Chancellor unveils budget tax cuts", "Arsenal beat Chelsea in cup"]
     result = client.classify(texts, force_tier="teacher", request_id="e2e")
     assert all(o.label in LABELS and o.tier == "teacher" for o in result.outputs)
-    assert sorted(r.record_id for r in iter_records(tmp_path)) == ["e2e:0", "e2e:1"]
+    assert sorted(r.record_id for r in iter_records(tmp_path / "log")) == ["e2e:0", "e2e:1"]
