@@ -135,6 +135,7 @@ class Gateway:
         except Exception as exc:  # a bad update never takes the replica down
             self.slot.stats.failures += 1
             self.slot.stats.last_error = f"user_config {user_config}: {exc}"
+            self.metrics.inc("protege_hot_swaps", result="failure")
             logger.error("hot swap refused: %s", exc)
             return
         self.slot.request(swap.student_version, folder, swap.threshold)
