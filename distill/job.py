@@ -53,22 +53,19 @@ def run(config: DistillConfig) -> dict[str, Any]:
                 "seconds": round(time.time() - began, 1),
             }
             registry.write_run(run_id, failed)
-            metrics.push(config.pushgateway, failed, registry.runs_dir, _last_success(registry))
+            metrics.push(
+                config.pushgateway,
+                failed,
+                registry.runs_dir,
+                metrics.last_success(registry.runs_dir),
+            )
             raise
     report = {"run_id": run_id, **report, "seconds": round(time.time() - began, 1)}
     registry.write_run(run_id, report)
-    metrics.push(config.pushgateway, report, registry.runs_dir, _last_success(registry))
+    metrics.push(
+        config.pushgateway, report, registry.runs_dir, metrics.last_success(registry.runs_dir)
+    )
     return report
-
-
-def _last_success(registry: Registry) -> float | None:
-    """When a run last completed (promoted or rejected), from the run reports' file times."""
-    times = [
-        p.stat().st_mtime
-        for p in registry.runs_dir.glob("*.json")
-        if '"result": "promoted"' in p.read_text() or '"result": "rejected"' in p.read_text()
-    ]
-    return max(times, default=None)
 
 
 def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[str, Any]:

@@ -22,14 +22,27 @@ JOB = "protege_distill"
 RESULTS = ("promoted", "rejected", "nothing-to-do", "failed")
 
 
-def run_counts(runs_dir: Path) -> Counter[str]:
-    counts: Counter[str] = Counter()
+def read_runs(runs_dir: Path) -> list[tuple[Path, str]]:
+    """(report file, result) for every run report; an unreadable one counts as such."""
+    runs = []
     for path in sorted(Path(runs_dir).glob("*.json")):
         try:
-            counts[json.loads(path.read_text()).get("result", "unknown")] += 1
+            runs.append((path, str(json.loads(path.read_text()).get("result", "unknown"))))
         except (OSError, ValueError):
-            counts["unreadable"] += 1
-    return counts
+            runs.append((path, "unreadable"))
+    return runs
+
+
+def run_counts(runs_dir: Path) -> Counter[str]:
+    return Counter(result for _, result in read_runs(runs_dir))
+
+
+def last_success(runs_dir: Path) -> float | None:
+    """When a run last completed (promoted or rejected), from the reports' file times."""
+    times = [
+        p.stat().st_mtime for p, result in read_runs(runs_dir) if result in ("promoted", "rejected")
+    ]
+    return max(times, default=None)
 
 
 def collect(

@@ -61,12 +61,11 @@ def _connect() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from ray._private import ray_constants
+    from serving.local_ray import LOOPBACK, pin_loopback  # Ray core settings, not Serve
 
-    ray_constants.ENABLE_RAY_CLUSTER = False  # loopback only, even if Ray was imported earlier
+    pin_loopback()
     ray.init(
-        address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False
+        address="local", _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False
     )
 
 

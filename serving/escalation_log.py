@@ -199,8 +199,7 @@ def iter_records(directory: Path, stats: ReadStats | None = None) -> Iterator[Es
 
 
 def _line_problem(raw: bytes) -> str | None:
-    if not raw.endswith(b"\n"):
-        return "torn line (no newline: the writer crashed mid-write)"
+    """Why a whole line cannot be read as a record (torn last lines are caught by the caller)."""
     try:
         version = json.loads(raw).get("schema_version")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):

@@ -12,6 +12,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ class StudentAnswers:
     students: list[ActiveStudent]
     override: float | None
 
-    @property
+    @cached_property
     def thresholds(self) -> np.ndarray:
         if self.override is not None:
             return np.full(len(self.texts), self.override)

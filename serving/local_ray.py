@@ -51,6 +51,17 @@ def ingress_env(ingress: Ingress, haproxy_ports: tuple[int, int] = (9101, 8404))
     }
 
 
+def pin_loopback(env: dict[str, str] = QUIET_ENV) -> None:
+    """Set Ray's single-machine environment before ``ray.init`` (Ray core only, no Serve)."""
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    from ray._private import ray_constants
+
+    # Ray reads the flag once, at import: if this process imported Ray before the lines
+    # above, the driver would still pick the external address and hand it to the agents.
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+
+
 def start(
     http_port: int = DEFAULT_HTTP_PORT,
     metrics_port: int | None = DEFAULT_METRICS_PORT,
@@ -61,15 +72,9 @@ def start(
     """``ray.init`` a fresh local cluster on loopback and start Serve's HTTP ingress there."""
     check_metrics_port(metrics_port)
     env = {**QUIET_ENV, **ingress_env(ingress, haproxy_ports)}
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
+    pin_loopback(env)
     import ray
     from ray import serve
-    from ray._private import ray_constants
-
-    # Ray reads the flag once, at import: if this process imported Ray before the line
-    # above, the driver would still pick the external address and hand it to the agents.
-    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
 
     ray.init(
         address="local",

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.scoring import SCORERS, threshold_for_agreement, threshold_for_rate
+from serving.scoring import threshold_for_agreement, threshold_for_rate
 
 MANIFEST_NAME = "protege.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -113,7 +113,3 @@ def write_manifest(folder: Path, manifest: ModelManifest) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest.model_dump(), indent=1))
     tmp.replace(path)
-
-
-def known_scorers() -> list[str]:
-    return sorted(SCORERS)

@@ -2,11 +2,11 @@
 
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from polling import wait_for  # noqa: F401 - re-exported for the integration tests
 
 from serving.client import ProtegeClient
 
@@ -15,20 +15,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(
-    condition: Callable[[], object], timeout_s: float = 30.0, every_s: float = 0.1
-) -> object:
-    """Poll until ``condition()`` is truthy; fail with a clear message otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(every_s)
 
 
 @pytest.fixture(scope="session")

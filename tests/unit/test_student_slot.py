@@ -1,9 +1,9 @@
 """The student slot without Ray: background load, one-reference swap, refusals."""
 
 import threading
-import time
 
 import pytest
+from polling import wait_for
 from tiny_models import build_tiny
 
 from serving.config import CascadeConfig
@@ -11,13 +11,6 @@ from serving.hot_swap import StudentSlot, import_loader, load_student
 from serving.manifest import weights_digest
 
 CASCADE = CascadeConfig(threshold=0.5)
-
-
-def wait(condition, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.01)
 
 
 @pytest.fixture()
@@ -40,7 +33,7 @@ def test_swap_happens_in_the_background_and_replaces_one_reference(slot, tmp_pat
     assert slot.stats.loading == version and slot.active is old  # still serving the old one
     assert not slot.request(version, other)  # asked twice: nothing more happens
     gate.set()
-    wait(lambda: slot.active.version == version)
+    wait_for(lambda: slot.active.version == version)
     assert slot.stats.swaps == 1 and slot.stats.loading is None
     assert not slot.request(version, other)  # the serving version: no reload
 
@@ -50,7 +43,7 @@ def test_broken_version_is_refused_and_the_old_keeps_serving(slot, tmp_path):
     (broken / "model.safetensors").write_bytes(b"garbage")
     old = slot.active
     assert slot.request("student-broken", broken)
-    wait(lambda: slot.stats.failures == 1)
+    wait_for(lambda: slot.stats.failures == 1)
     assert slot.active is old and "student-broken" in (slot.stats.last_error or "")
     assert slot.stats.loading is None
 
@@ -58,14 +51,14 @@ def test_broken_version_is_refused_and_the_old_keeps_serving(slot, tmp_path):
 def test_a_folder_holding_another_version_is_refused(slot, tmp_path):
     other = build_tiny(tmp_path / "other", seed=23, mean_pool=True)
     slot.request("student-not-this-one", other)
-    wait(lambda: slot.stats.failures == 1)
+    wait_for(lambda: slot.stats.failures == 1)
     assert "holds version" in (slot.stats.last_error or "")
 
 
 def test_threshold_override_applies_to_the_new_version(slot, tmp_path):
     other = build_tiny(tmp_path / "other", seed=24, mean_pool=True)
     slot.request(weights_digest(other), other, threshold=0.25)
-    wait(lambda: slot.stats.swaps == 1)
+    wait_for(lambda: slot.stats.swaps == 1)
     assert slot.active.rule.value == 0.25
 
 
