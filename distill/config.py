@@ -17,7 +17,11 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
 )
+
+from serving import defaults
+from serving.scoring import SCORERS
 
 
 class _Strict(BaseModel):
@@ -25,8 +29,12 @@ class _Strict(BaseModel):
 
 
 class LossConfig(_Strict):
-    temperature: PositiveFloat = Field(default=2.0, description="Softens both distributions")
-    alpha: float = Field(default=0.7, ge=0, le=1, description="Weight of the soft (KL) term")
+    temperature: PositiveFloat = Field(
+        default=defaults.TEMPERATURE, description="Softens both distributions"
+    )
+    alpha: float = Field(
+        default=defaults.ALPHA, ge=0, le=1, description="Weight of the soft (KL) term"
+    )
 
 
 class TrainConfig(_Strict):
@@ -34,46 +42,101 @@ class TrainConfig(_Strict):
     batch_size: PositiveInt = 16
     lr_encoder: PositiveFloat = 3e-5
     lr_head: PositiveFloat = 1e-3
-    max_tokens: PositiveInt = 64
+    max_tokens: PositiveInt = Field(
+        default=defaults.MAX_TOKENS, description="As in calibration and serving"
+    )
     seed: int = 0
     workers: PositiveInt = Field(default=1, description=">1 trains under Ray Train's TorchTrainer")
 
 
 class ReplayConfig(_Strict):
-    earlier_records: NonNegativeInt = Field(default=1000, description="Sample of consumed records")
-    seed_examples: bool = Field(default=True, description="Replay the seed headlines (gold labels)")
+    earlier_records: NonNegativeInt = Field(
+        default=1000, description="Sample of consumed training records"
+    )
+    examples: Path | None = Field(
+        default=None,
+        description="Labelled examples (text, label) replayed every run, e.g. the seed "
+        "student's training set, so it does not forget what the traffic no longer shows",
+    )
+
+
+class EvalConfig(_Strict):
+    share: float = Field(
+        default=defaults.EVAL_SHARE,
+        gt=0,
+        lt=1,
+        description="Share of logged texts (by hash) that evaluate and never train; half "
+        "calibrate thresholds, half judge the candidate",
+    )
+    max_records: PositiveInt = Field(
+        default=50_000, description="Pool at most this many of the newest evaluation records"
+    )
+    min_calibration_sampled: NonNegativeInt = Field(
+        default=200,
+        description="Fewer sampled records in the calibration split: calibrate on the "
+        "task's traffic sample instead",
+    )
 
 
 class GateConfig(_Strict):
     target_agreement: float = Field(
-        default=0.97, ge=0, le=1, description="Each model's threshold is calibrated for this"
+        default=defaults.TARGET_AGREEMENT,
+        ge=0,
+        le=1,
+        description="Each model's threshold is calibrated for this agreement with the teacher",
     )
-    min_rate_drop: float = Field(
-        default=0.01, ge=0, le=1, description="Escalation-rate drop needed to promote"
+    confidence: float = Field(
+        default=defaults.CONFIDENCE, gt=0.5, lt=1, description="One-sided confidence of the gate"
     )
-    accuracy_tolerance: float = Field(
-        default=0.005, ge=0, le=1, description="Cascade accuracy the candidate may lose"
+    agreement_margin: float = Field(
+        default=0.01, ge=0, le=1, description="Cascade agreement the candidate may lose"
     )
+    gold_margin: float = Field(
+        default=0.02, ge=0, le=1, description="Cascade gold accuracy the candidate may lose"
+    )
+    min_sampled: NonNegativeInt = Field(
+        default=100, description="Fewer sampled confident gate records: not enough evidence"
+    )
+    bootstrap_draws: PositiveInt = 1000
+    seed: int = 0
 
 
 class DistillConfig(_Strict):
     registry: Path = Field(description="Model registry folder (versions, current pointer, runs)")
     log_dir: Path = Field(description="The gateway's escalation log folder")
-    data_dir: Path = Field(description="BBC splits written by `protege models build`")
-    teacher: Path = Field(description="Teacher model folder (scores replay and evaluation data)")
-    min_records: NonNegativeInt = Field(default=50, description="Fewer new records: nothing to do")
-    holdout_sentences: NonNegativeInt = Field(default=2000, description="Evaluation traffic size")
-    calibration_size: PositiveInt = Field(
-        default=3000, description="Inputs each version's threshold is calibrated on"
+    teacher: Path = Field(description="Teacher model folder (labels records offline)")
+    traffic: Path | None = Field(
+        default=None,
+        description="The task's traffic sample (a text column): the calibration fallback",
     )
+    gold: Path | None = Field(
+        default=None, description="Gold labels (text, label): gold accuracy beside the estimates"
+    )
+    cache_dir: Path | None = Field(
+        default=None, description="Score cache (default: <registry>/cache)"
+    )
+    scorer: str = Field(default=defaults.SCORER, description="The scorer serving uses")
+    min_records: NonNegativeInt = Field(default=50, description="Fewer new records: nothing to do")
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     replay: ReplayConfig = ReplayConfig()
+    eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     pushgateway: str | None = Field(
         default=None, description="host:port of a Prometheus Pushgateway for the job's metrics"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, name: str) -> str:
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
+        return name
+
+    @property
+    def scores_dir(self) -> Path:
+        return self.cache_dir or self.registry / "cache"
 
 
 def load_distill_config(path: Path, **overrides: object) -> DistillConfig:

@@ -1,5 +1,14 @@
-"""What a distillation run learns from: the escalation records no earlier run consumed,
-deduplicated, plus a replay sample so the student does not forget what it knew.
+"""What a distillation run learns from and is judged on, read from the escalation log.
+
+- **training**: records of the training split (by a hash of the text, see
+  :mod:`distill.splits`) that no earlier run consumed, deduplicated by record id, plus a
+  replay sample of consumed ones so the student does not forget what it knew;
+- **evaluation**: every readable version-2 record of the calibration and gate splits,
+  pooled across runs (the newest ``max_eval``), never trained on or replayed, and not
+  deduplicated by text: a repeated text was served twice, and each record stands for
+  ``1 / inclusion_probability`` served inputs (only a record written twice, the same
+  server-made id, counts once).
+  Version-1 records carry no inclusion probability: they may train, never evaluate.
 
 The watermark is, per segment file, the byte offset up to which records were consumed.
 Segments are append-only and each has one writer, so "everything after the offset" is
@@ -14,6 +23,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill.splits import Role, role_of
 from serving.escalation_log import EscalationRecord, ReadStats, list_segments, read_from
 
 WATERMARK_NAME = "watermark.json"
@@ -24,16 +34,21 @@ class Window:
     new: list[EscalationRecord]
     replay: list[EscalationRecord]
     watermark: dict[str, int]  # after consuming ``new``
+    evaluation: dict[Role, list[EscalationRecord]] = field(
+        default_factory=lambda: {"calibration": [], "gate": []}
+    )
     stats: ReadStats = field(default_factory=ReadStats)
     duplicates: int = 0
-    excluded_holdout: int = 0
+    unweighted_eval_dropped: int = 0  # version-1 records of the evaluation split
 
     def describe(self) -> dict[str, int]:
         return {
             "new_records": len(self.new),
             "replayed_records": len(self.replay),
             "duplicates_dropped": self.duplicates,
-            "holdout_texts_dropped": self.excluded_holdout,
+            "calibration_records": len(self.evaluation["calibration"]),
+            "gate_records": len(self.evaluation["gate"]),
+            "version1_eval_records_dropped": self.unweighted_eval_dropped,
             "corrupt_or_torn_lines": self.stats.skipped_lines,
             "segments": len(self.watermark),
         }
@@ -56,31 +71,42 @@ def read_window(
     log_dir: Path,
     watermark: dict[str, int],
     *,
-    exclude_texts: set[str],
+    eval_share: float,
     replay: int,
     seed: int,
+    max_eval: int = 50_000,
 ) -> Window:
-    """New records after ``watermark`` (deduplicated by record id, evaluation texts
-    dropped) and a seeded sample of ``replay`` earlier ones."""
+    """New training records after ``watermark``, a seeded replay sample of earlier ones,
+    and the pooled evaluation records."""
     window = Window(new=[], replay=[], watermark=dict(watermark))
     seen: set[str] = set()
     earlier: list[EscalationRecord] = []
     for segment in list_segments(log_dir):
         done = watermark.get(segment.name, 0)
-        if done:
-            consumed, _ = read_from(segment, 0, ReadStats(), end=done)
-            earlier.extend(consumed)
-            seen.update(r.record_id for r in consumed)
+        consumed, _ = read_from(segment, 0, ReadStats(), end=done) if done else ([], 0)
         fresh, end = read_from(segment, done, window.stats)
         window.watermark[segment.name] = end
+        for record in consumed + fresh:
+            role = role_of(record.text, eval_share)
+            if role != "train":
+                if record.evaluable:
+                    window.evaluation[role].append(record)
+                else:
+                    window.unweighted_eval_dropped += 1
+        consumed = [r for r in consumed if role_of(r.text, eval_share) == "train"]
+        earlier.extend(consumed)
+        seen.update(r.record_id for r in consumed)
         for record in fresh:
+            if role_of(record.text, eval_share) != "train":
+                continue
             if record.record_id in seen:
                 window.duplicates += 1
-            elif record.text in exclude_texts:
-                window.excluded_holdout += 1
             else:
                 seen.add(record.record_id)
                 window.new.append(record)
-    earlier = [r for r in earlier if r.text not in exclude_texts]
+    for role, records in window.evaluation.items():
+        unique = list({r.record_id: r for r in records}.values())
+        unique.sort(key=lambda r: r.timestamp)
+        window.evaluation[role] = unique[-max_eval:]
     window.replay = random.Random(seed).sample(earlier, min(replay, len(earlier)))
     return window

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.losses import distillation_loss
+from serving import defaults
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,10 @@ class TrainSettings:
     lr_head: float = 1e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
-    max_tokens: int = 128
+    max_tokens: int = defaults.MAX_TOKENS
     seed: int = 0
-    temperature: float = 2.0  # distillation only
-    alpha: float = 0.5  # weight of the soft term; distillation only
+    temperature: float = defaults.TEMPERATURE  # distillation only
+    alpha: float = defaults.ALPHA  # weight of the soft term; distillation only
 
 
 def _param_groups(model: PreTrainedModel, settings: TrainSettings) -> list[dict[str, object]]:
@@ -117,11 +118,12 @@ def _batch_loss(
     settings: TrainSettings,
     device: torch.device,
 ) -> torch.Tensor:
+    window = min(tokenizer.model_max_length, model.config.max_position_embeddings)
     encoded = tokenizer(
         [texts[i] for i in batch],
         padding=True,
         truncation=True,
-        max_length=settings.max_tokens,
+        max_length=min(settings.max_tokens, window),
         return_tensors="pt",
     ).to(device)
     target = torch.tensor([labels[i] for i in batch], device=device)

@@ -15,20 +15,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distill import bbc, metrics
+from distill import gate, metrics
 from distill.config import DistillConfig
 from distill.dataset import Window, read_watermark, read_window, write_watermark
-from distill.eval_sets import cached_probs, calibration_set, gold, holdout_set
+from distill.eval_sets import cached_probs
 from distill.finetune import TrainSettings, fine_tune
-from distill.gate import ModelEval, evaluate, gate, make_calibration
+from distill.judge import Judge
 from distill.lock import run_lock
+from distill.offline_labels import OfflineLabels
+from distill.tables import read_labelled
 from serving import meanpool
 from serving.classifier import Classifier, pick_device
 from serving.manifest import (
-    Calibration,
     DefaultTarget,
     ModelManifest,
     weights_digest,
@@ -72,17 +72,17 @@ def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[
     current = registry.current()
     if current is None:
         raise RegistryError(
-            f"registry {registry.root} has no current student: "
-            "`protege registry import var/cache/models/student --promote` first"
+            f"registry {registry.root} has no current student: run `protege init TASK.yaml` "
+            "(or `protege registry import FOLDER --promote`) first"
         )
-    holdout = holdout_set(config.data_dir, config.holdout_sentences)
     watermark = read_watermark(registry.root)
     window = read_window(
         config.log_dir,
         watermark,
-        exclude_texts={e.text for e in holdout},
+        eval_share=config.eval.share,
         replay=config.replay.earlier_records,
         seed=config.train.seed + len(watermark),
+        max_eval=config.eval.max_records,
     )
     if len(window.new) < config.min_records:
         return {
@@ -91,34 +91,39 @@ def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[
             "current": current,
             "window": window.describe(),
         }
-    teacher = Classifier(config.teacher, device=config.device)
-    cache = config.data_dir / "scores"
-    texts, soft, labels = _training_set(config, window, teacher, cache)
+    teacher = Classifier(config.teacher, device=config.device, max_tokens=config.train.max_tokens)
+    labeller = OfflineLabels(teacher, config.scores_dir)
+    texts, soft, labels = _training_set(config, window, labeller)
     staged, losses = _train_candidate(config, registry, current, texts, soft, labels, run_id)
     try:
         return _judge_and_publish(
-            config, registry, current, teacher, holdout, cache, staged, window, losses, len(texts)
+            config, registry, current, labeller, staged, window, losses, len(texts)
         )
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 
 def _training_set(
-    config: DistillConfig, window: Window, teacher: Classifier, cache: Path
+    config: DistillConfig, window: Window, labeller: OfflineLabels
 ) -> tuple[list[str], list[list[float]], list[int]]:
-    """Soft targets from the logged teacher distributions; labels are gold where a record
-    has one, else the teacher's. The seed headlines are replayed with their gold labels."""
-    records = window.new + window.replay
+    """Soft targets are the teacher's distributions (logged, or asked now for records whose
+    teacher was skipped or failed); hard labels are gold where a record has one, else the
+    teacher's. Labelled replay examples (the seed's training set) join every run."""
+    records = labeller.usable(window.new + window.replay)
+    soft_probs = labeller.probs(records)
+    labels = labeller.labels
     texts = [r.text for r in records]
-    soft = [r.teacher_probs for r in records]
-    labels = [r.labels.index(r.gold_label or r.teacher_label) for r in records]
-    if config.replay.seed_examples:
-        seed = bbc.read_split(config.data_dir, "seed")
-        probs = cached_probs(teacher, seed, cache, "seed")
-        texts += [e.text for e in seed]
-        soft += probs.tolist()
-        labels += gold(seed).tolist()
-    return texts, soft, labels
+    hard = [
+        labels.index(r.gold_label) if r.gold_label in labels else int(p.argmax())
+        for r, p in zip(records, soft_probs, strict=True)
+    ]
+    soft = soft_probs.tolist()
+    if config.replay.examples is not None:
+        ex_texts, ex_labels = read_labelled(config.replay.examples, labels)
+        texts += ex_texts
+        soft += cached_probs(labeller.teacher, ex_texts, config.scores_dir, "replay").tolist()
+        hard += ex_labels
+    return texts, soft, hard
 
 
 def _train_candidate(
@@ -163,9 +168,7 @@ def _judge_and_publish(
     config: DistillConfig,
     registry: Registry,
     current: str,
-    teacher: Classifier,
-    holdout: list[bbc.Example],
-    cache: Path,
+    labeller: OfflineLabels,
     staged: Path,
     window: Window,
     losses: list[float],
@@ -185,66 +188,59 @@ def _judge_and_publish(
         role="student",
         parent=current,
         created_at=time.time(),
-        labels=bbc.LABELS,
+        labels=labeller.labels,
         default_target=DefaultTarget(target_agreement=config.gate.target_agreement),
         training=training,
     )
     write_manifest(staged, manifest)
-    judge = _Judge(config, teacher, holdout, cache)
-    current_eval, _ = judge(registry.path(current))
-    candidate_eval, calibration = judge(staged)
-    promote, why = gate(candidate_eval, current_eval, config.gate)
-    if promote:
-        eval_figures = {k: v for k, v in candidate_eval.as_dict().items() if isinstance(v, float)}
+    judge = Judge(config, labeller, window)
+    current_judged, _ = judge(registry.path(current))
+    candidate_judged, calibration = judge(staged)
+    decision = gate.decide(
+        current_judged,
+        candidate_judged,
+        judge.gate_set,
+        judge.gold_labels,
+        judge.teacher_on_gold,
+        config.scorer,
+        config.gate,
+    )
+    figures = decision.as_dict()
+    flat = {name: _flat(figures.get(name)) for name in ("current", "candidate")}
+    if decision.promote:
         write_manifest(
-            staged, manifest.model_copy(update={"calibration": calibration, "eval": eval_figures})
+            staged,
+            manifest.model_copy(
+                update={
+                    "calibration": calibration,
+                    "eval": {k: v for k, v in flat["candidate"].items() if isinstance(v, float)},
+                }
+            ),
         )
         registry.publish(staged)
         registry.promote(candidate)
     write_watermark(registry.root, window.watermark)  # consumed, promoted or not
     return {
-        "result": "promoted" if promote else "rejected",
-        "reason": why,
+        "result": "promoted" if decision.promote else "rejected",
+        "reason": decision.reason,
         "current": current,
         "candidate": candidate,
         "window": window.describe(),
         "training_examples": examples,
         "epoch_losses": losses,
-        "eval": {"current": current_eval.as_dict(), "candidate": candidate_eval.as_dict()},
-        "holdout_inputs": len(holdout),
+        "eval": {k: v for k, v in flat.items() if v},
+        "decision": figures,
+        "calibration": {
+            "kind": calibration.kind,
+            "source": calibration.source,
+            "inputs": len(calibration.agrees_with_teacher),
+        },
+        "offline_labelled": labeller.asked,
     }
 
 
-class _Judge:
-    """Scores a student version on the fixed calibration and holdout traffic (cached per
-    version) and evaluates it as it would serve, at its own calibrated threshold."""
-
-    def __init__(
-        self, config: DistillConfig, teacher: Classifier, holdout: list[bbc.Example], cache: Path
-    ) -> None:
-        self.config, self.holdout, self.cache = config, holdout, cache
-        self.calibration = calibration_set(config.data_dir, config.calibration_size)
-        self.cal_teacher = cached_probs(teacher, self.calibration, cache, "calibration")
-        self.hold_teacher = cached_probs(teacher, holdout, cache, "holdout")
-        self.gold_rows = np.array([e.kind == "headline" for e in holdout])
-        self.gold = gold([e for e in holdout if e.kind == "headline"])
-
-    def __call__(self, folder: Path) -> tuple[ModelEval, Calibration]:
-        student = Classifier(folder, device=self.config.device)
-        headlines = sum(e.kind == "headline" for e in self.calibration)
-        calibration = make_calibration(
-            cached_probs(student, self.calibration, self.cache, "calibration"),
-            self.cal_teacher,
-            f"{len(self.calibration)} BBC inputs ({headlines} headlines, the rest sentences)",
-        )
-        probs = cached_probs(student, self.holdout, self.cache, "holdout")
-        figures = evaluate(
-            student.version,
-            calibration,
-            probs,
-            self.hold_teacher,
-            self.gold,
-            self.gold_rows,
-            self.config.gate.target_agreement,
-        )
-        return figures, calibration
+def _flat(figures: Any) -> dict[str, Any]:
+    """{figure: value} from a StudentFigures dict (intervals stay in the decision)."""
+    if not isinstance(figures, dict):
+        return {}
+    return {k: (v["value"] if isinstance(v, dict) else v) for k, v in figures.items()}

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from distill import bbc
-from distill.defaults import build_defaults
+from protege import bbc
+from protege.default_models import build_defaults
 from protege.gateway_process import load_serve_config, running_gateway
 from protege.traffic import Run, send
 from serving.client import ProtegeClient

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distill import bbc
-from distill.defaults import build_defaults
-from distill.eval_sets import sample
 from distill.finetune import TrainSettings, fine_tune
+from protege import bbc
+from protege.bbc import sample
+from protege.default_models import build_defaults
 from protege.gateway_process import load_serve_config, running_gateway, with_student
 from serving import local_ray, meanpool
 from serving.client import ProtegeClient

@@ -1,6 +1,7 @@
 """``protege``: build the default models, serve, run the demo and the benchmark.
 
 protege models build [--cache var/cache] [--profile full|lite]
+protege init TASK.yaml [--force]
 protege serve [--config deploy/serve_config.yaml] [--port 8000]
 protege demo
 protege bench
@@ -23,25 +24,59 @@ DEFAULT_CACHE = Path(os.environ.get("PROTEGE_CACHE", "var/cache"))
 
 
 def _models_build(args: argparse.Namespace) -> int:
-    from distill.bbc import MissingPackageError
-    from distill.defaults import build_defaults
+    from protege.bbc import MissingPackageError
+    from protege.default_models import build_defaults
 
     try:
         report = build_defaults(args.cache, args.profile, args.device)
     except MissingPackageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    figures = report["holdout"]
-    assert isinstance(figures, dict)
-    print(f"\nmodels in {args.cache / 'models'} (report: {args.cache / 'report.json'})")
-    print(f"  teacher {report['teacher']}: holdout accuracy {figures['teacher_accuracy']:.1%}")
-    print(f"  student {report['student']}: holdout accuracy {figures['student_accuracy']:.1%}")
-    print(
-        f"  cascade at threshold {figures['threshold_max_prob']:.3f} (teacher agreement "
-        f"{figures['target_agreement']:.0%} on calibration): accuracy {figures['cascade_accuracy']:.1%}, "
-        f"escalation rate {figures['cascade_escalation_rate']:.1%}"
-    )
+    print(f"\nthe default task is built in {args.cache} (task file: {args.cache / 'task.yaml'})")
+    print_init_report(report)
     return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from distill.prepare import prepare
+    from distill.tables import TableError
+    from distill.task import TaskError, load_task
+
+    try:
+        spec = load_task(args.task)
+        prepared = prepare(spec, force=args.force, device=args.device)
+    except (TaskError, TableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_init_report(prepared.report)
+    return 0
+
+
+def print_init_report(report: dict) -> None:
+    from distill.prepare import format_table
+
+    figures = report["figures"]
+    print(f"task {report['task']}: labels {', '.join(report['labels'])}")
+    print(f"  teacher {report['teacher']}")
+    print(f"  seed student {report['student']} (current in {report['registry']})")
+    line = f"  on {figures['traffic_texts']} traffic texts: student agrees with the teacher on "
+    print(line + f"{figures['student_teacher_agreement']:.1%}")
+    if "teacher_gold_accuracy" in figures:
+        print(
+            f"  gold accuracy on {figures['gold_texts']} texts: teacher "
+            f"{figures['teacher_gold_accuracy']:.1%}, student {figures['student_gold_accuracy']:.1%}"
+        )
+    print(
+        "\nescalation rate each target agreement with the teacher costs, per scorer "
+        "(on the traffic sample):"
+    )
+    print(format_table(report["escalation_by_target"]))
+    print(
+        f"\nthe seed serves at threshold {figures['threshold']:.3f} (its default target), "
+        f"escalating {figures['escalation_rate']:.1%} of the sample"
+    )
+    print(f"serve it:   protege serve --config {report['serve_config']}")
+    print(f"distil it:  protege distill run --config {report['distill_config']}")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -67,7 +102,14 @@ def _demo(args: argparse.Namespace) -> int:
     from protege.demo import run_demo
 
     run_demo(
-        args.cache, args.config, args.rounds, args.chunk, args.concurrency, args.port, args.out
+        args.cache,
+        args.config,
+        args.rounds,
+        args.chunk,
+        args.concurrency,
+        args.port,
+        args.out,
+        args.seed,
     )
     return 0
 
@@ -106,6 +148,14 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--device", default="auto", help="auto, cpu or cuda")
     build.set_defaults(func=_models_build)
 
+    init = sub.add_parser(
+        "init", help="check a task's teacher/student pair, calibrate the seed, make it servable"
+    )
+    init.add_argument("task", type=Path, help="task definition (YAML)")
+    init.add_argument("--force", action="store_true", help="make the seed current again")
+    init.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    init.set_defaults(func=_init)
+
     serve = sub.add_parser("serve", help="serve the gateway on 127.0.0.1 until Ctrl-C")
     serve.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
     serve.add_argument("--port", type=int, default=8000)
@@ -117,7 +167,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     demo.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
     demo.add_argument("--rounds", type=int, default=3)
-    demo.add_argument("--chunk", type=int, default=1200, help="stream inputs served per round")
+    demo.add_argument("--chunk", type=int, default=1500, help="stream inputs served per round")
+    demo.add_argument("--seed", type=int, default=0, help="stream order and training seed")
     demo.add_argument("--concurrency", type=int, default=8)
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--out", type=Path, default=Path("var/demo"))

@@ -22,23 +22,38 @@ def parse_duration(text: str) -> float:
     return value * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
+FIGURES = (
+    ("escalation_rate", "escalation rate"),
+    ("cascade_agreement", "cascade agreement"),
+    ("student_agreement", "student agreement"),
+    ("cascade_gold_accuracy", "cascade gold acc."),
+)
+
+
 def summary(report: dict[str, Any]) -> str:
+    """The run's decision and, when it judged, both students' live-traffic estimates."""
     lines = [f"run {report.get('run_id', '?')}: {report['result']} - {report['reason']}"]
-    if "eval" in report:
-        cur, cand = report["eval"]["current"], report["eval"]["candidate"]
-        lines.append(f"{'':22}{'current':>14}{'candidate':>14}")
-        for key in (
-            "escalation_rate",
-            "cascade_accuracy",
-            "cascade_agreement",
-            "gold_accuracy",
-            "teacher_agreement",
-            "threshold",
-        ):
-            lines.append(f"{key:22}{cur[key]:>14.4f}{cand[key]:>14.4f}")
+    decision = report.get("decision", {})
+    if "current" in decision:
+        cur, cand = decision["current"], decision["candidate"]
+        lines.append(f"{'':20}{'current':>34}{'candidate':>34}")
+        lines.append(f"{'threshold':20}{cur['threshold']:>34.4f}{cand['threshold']:>34.4f}")
+        for key, name in FIGURES:
+            if key in cur:
+                lines.append(f"{name:20}{_interval(cur[key]):>34}{_interval(cand[key]):>34}")
+        drop = decision["escalation_drop"]
+        lines.append(
+            f"escalation drop {drop['value']:+.1%}, one-sided lower bound {drop['low']:+.1%}; "
+            f"evidence: {drop['sampled']} sampled of {drop['records']} gate records; "
+            f"thresholds calibrated on {report['calibration']['source']}"
+        )
     if "window" in report:
         lines.append("window: " + ", ".join(f"{k}={v}" for k, v in report["window"].items()))
     return "\n".join(lines)
+
+
+def _interval(figure: dict[str, Any]) -> str:
+    return f"{figure['value']:.1%} [{figure['low']:.1%}, {figure['high']:.1%}]"
 
 
 def _load(args: argparse.Namespace):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from serving.registry import Registry, RegistryError
 
-DEFAULT_REGISTRY = Path("var/registry")
+DEFAULT_REGISTRY = Path("var/cache/registry")
 
 
 def _table(rows: list[list[str]], head: list[str]) -> str:
@@ -30,13 +31,13 @@ def _list(args: argparse.Namespace) -> int:
                 m.parent or "-",
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created_at)),
                 f"{m.eval['escalation_rate']:.1%}" if "escalation_rate" in m.eval else "-",
-                f"{m.eval['cascade_accuracy']:.1%}" if "cascade_accuracy" in m.eval else "-",
+                f"{m.eval['cascade_agreement']:.1%}" if "cascade_agreement" in m.eval else "-",
             ]
         )
     if not rows:
         print(f"registry {registry.root} is empty: `protege registry import FOLDER --promote`")
         return 0
-    print(_table(rows, ["", "version", "parent", "created", "escalation", "cascade acc"]))
+    print(_table(rows, ["", "version", "parent", "created", "escalation", "cascade agreement"]))
     return 0
 
 
@@ -100,7 +101,7 @@ def guarded(func):
         try:
             return int(func(args))
         except RegistryError as exc:
-            print(f"error: {exc}")
+            print(f"error: {exc}", file=sys.stderr)
             return 2
 
     return run

@@ -7,12 +7,14 @@ teacher, and turns the results into outputs and escalation records with the help
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from serving.config import CascadeConfig
-from serving.escalation_log import EscalationRecord, Reason
+from serving.escalation_log import EscalationRecord, Reason, TeacherStatus
 from serving.manifest import ModelManifest
 from serving.schemas import ClassifyOutput, Tier
 from serving.scoring import get_scorer, should_escalate
@@ -94,31 +96,36 @@ def make_output(
 def make_record(
     *,
     request_id: str,
-    index: int,
     text: str,
     reason: Reason,
+    inclusion_probability: float,
     labels: list[str],
     student_version: str,
     student_probs: np.ndarray,
     scorer: str,
     confidence: float,
     threshold: float,
-    teacher_version: str,
-    teacher_probs: list[float],
+    teacher: dict[str, Any] | None,
+    teacher_status: TeacherStatus = "answered",
 ) -> EscalationRecord:
+    """One log record; the server makes its id (a client's request id never is one).
+    ``teacher`` is the teacher's answer, or None when it failed, timed out or was not asked."""
+    probs = None if teacher is None else [float(p) for p in teacher["probs"]]
     return EscalationRecord(
-        record_id=f"{request_id}:{index}",
+        record_id=uuid.uuid4().hex,
         request_id=request_id,
         timestamp=time.time(),
         text=text,
         reason=reason,
+        inclusion_probability=inclusion_probability,
         labels=labels,
         student_version=student_version,
         student_probs=[float(p) for p in student_probs],
         scorer=scorer,
         confidence=float(confidence),
         threshold=float(threshold),
-        teacher_version=teacher_version,
-        teacher_probs=[float(p) for p in teacher_probs],
-        teacher_label=labels[int(np.argmax(teacher_probs))],
+        teacher_status="answered" if teacher is not None else teacher_status,
+        teacher_version=None if teacher is None else teacher["version"],
+        teacher_probs=probs,
+        teacher_label=None if probs is None else labels[int(np.argmax(probs))],
     )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from serving import meanpool
+from serving import defaults, meanpool
 from serving.manifest import ModelManifest, read_manifest, weights_digest
 
 
@@ -36,7 +36,9 @@ class Prediction:
 class Classifier:
     """A loaded classifier: its version, labels, and a batched ``predict``."""
 
-    def __init__(self, folder: Path, device: str = "auto", max_tokens: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, device: str = "auto", max_tokens: int | None = defaults.MAX_TOKENS
+    ) -> None:
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from serving import defaults
 from serving.scoring import SCORERS
 
 DEFAULT_MAX_INPUTS = 64
@@ -33,13 +34,14 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     path: Path = Field(description="A Hugging Face sequence-classification folder")
-    max_tokens: PositiveInt | None = Field(
-        default=None, description="Truncate inputs to this many tokens (default: the window)"
+    max_tokens: PositiveInt = Field(
+        default=defaults.MAX_TOKENS,
+        description="Truncate inputs to this many tokens (as in training and calibration)",
     )
 
 
 class CascadeConfig(_Strict):
-    scorer: str = Field(default="max_prob", description=f"One of {sorted(SCORERS)}")
+    scorer: str = Field(default=defaults.SCORER, description=f"One of {sorted(SCORERS)}")
     threshold: float | None = Field(
         default=None, ge=0, le=1, description="Escalate when confidence < threshold"
     )
@@ -50,7 +52,17 @@ class CascadeConfig(_Strict):
         default=None, ge=0, le=1, description="Derive the threshold for this teacher agreement"
     )
     audit_fraction: float = Field(
-        default=0.0, ge=0, le=1, description="Share of confident inputs also sent to the teacher"
+        default=defaults.AUDIT_FRACTION,
+        ge=0,
+        le=1,
+        description="Share of confident inputs logged as a uniform sample; the gate's evidence "
+        "(0 turns the sample, and so every promotion, off)",
+    )
+    audit_teacher: Literal["offline", "online"] = Field(
+        default="offline",
+        description="offline: log audited inputs with the student's answer only, the "
+        "distillation job asks the teacher in batch; online: ask the teacher now, off the "
+        "response path",
     )
 
     @field_validator("scorer")
@@ -93,7 +105,7 @@ class LimitsConfig(_Strict):
 
 
 class LogConfig(_Strict):
-    dir: Path = Field(default=Path("var/escalations"), description="Escalation log folder")
+    dir: Path = Field(default=Path("var/cache/escalations"), description="Escalation log folder")
     max_segment_bytes: PositiveInt = Field(default=DEFAULT_SEGMENT_BYTES)
     fsync_interval_s: PositiveFloat = Field(default=1.0)
 

@@ -1,6 +1,11 @@
 """The escalation log: durable, append-only JSON-lines segments, and a reader for them.
 
-Every escalated or audited input becomes one :class:`EscalationRecord`. Each writer (one
+Every escalated or audited input becomes one :class:`EscalationRecord` that carries the
+probability with which its input was logged (1 for an escalation, the audit fraction for
+an audited confident input), so the log is a weighted sample of all served traffic. An
+input chosen for logging is logged even when the teacher failed or was not asked (its
+teacher fields are then empty and the distillation job labels it offline): skipping it
+would make the recorded probabilities false. Each writer (one
 per replica) owns its own segment files, so lines never interleave. A record is written
 and flushed to the kernel at once (it survives a crash of the process) and fsynced on a
 short interval and on close (it survives a crash of the machine). A segment rotates when
@@ -21,12 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 1 records carry no inclusion probability: they may train, never evaluate."""
 SEGMENT_GLOB = "escalations-*.jsonl"
 
 Reason = Literal["low_confidence", "audit", "forced"]
+TeacherStatus = Literal["answered", "failed", "timeout", "skipped"]
 
 
 class EscalationRecord(BaseModel):
@@ -35,21 +43,49 @@ class EscalationRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = SCHEMA_VERSION
-    record_id: str = Field(description="'<request_id>:<input index>', unique per input")
-    request_id: str
+    record_id: str = Field(description="Made by the server, unique per logged input")
+    request_id: str = Field(description="The request's id (the client's x-request-id if sent)")
     timestamp: float = Field(description="Unix seconds when the record was made")
     text: str
     reason: Reason
+    inclusion_probability: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Probability with which this input was logged: 1 for an escalation, the "
+        "audit fraction for an audited confident input (None only in version 1 records)",
+    )
     labels: list[str] = Field(description="Label names, the order of both vectors")
     student_version: str
     student_probs: list[float]
     scorer: str
     confidence: float
     threshold: float
-    teacher_version: str
-    teacher_probs: list[float]
-    teacher_label: str
+    teacher_status: TeacherStatus = Field(
+        default="answered",
+        description="'answered', or why the teacher fields are empty (labelled offline)",
+    )
+    teacher_version: str | None = None
+    teacher_probs: list[float] | None = None
+    teacher_label: str | None = None
     gold_label: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EscalationRecord:
+        answered = self.teacher_probs is not None
+        if answered != (self.teacher_status == "answered"):
+            raise ValueError(
+                f"teacher_status {self.teacher_status!r} with "
+                f"{'a' if answered else 'no'} teacher distribution"
+            )
+        if self.schema_version >= 2 and self.inclusion_probability is None:
+            raise ValueError("version 2 records need inclusion_probability")
+        return self
+
+    @property
+    def evaluable(self) -> bool:
+        """Whether the record can weigh in an estimate over the whole traffic."""
+        return self.inclusion_probability is not None
 
 
 class EscalationLogWriter:
@@ -204,6 +240,6 @@ def _line_problem(raw: bytes) -> str | None:
         version = json.loads(raw).get("schema_version")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return "corrupt line (not a JSON object)"
-    if version != SCHEMA_VERSION:
-        return f"schema version {version!r}, this reader understands {SCHEMA_VERSION}"
+    if version not in READABLE_VERSIONS:
+        return f"schema version {version!r}, this reader understands {READABLE_VERSIONS}"
     return None

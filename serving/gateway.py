@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from serving.cascade import Decision, decide, make_output, make_record
 from serving.config import GatewayConfig, SwapRequest
 from serving.errors import InputError, install_error_handlers
-from serving.escalation_log import EscalationLogWriter, EscalationRecord, Reason
+from serving.escalation_log import EscalationLogWriter, EscalationRecord, Reason, TeacherStatus
 from serving.hot_swap import ActiveStudent, StudentSlot, import_loader
 from serving.metrics import GatewayMetrics
 from serving.registry import Registry
@@ -241,7 +241,9 @@ class Gateway:
             batch.probs, self.config.cascade.scorer, batch.thresholds, request.force_tier
         )
         escalated = np.flatnonzero(decision.escalate).tolist()
-        answers = await self._ask_teacher([texts[i] for i in escalated]) if escalated else None
+        answers, status = (
+            await self._ask_teacher([texts[i] for i in escalated]) if escalated else (None, None)
+        )
         by_teacher = dict(zip(escalated, answers, strict=True)) if answers else {}
         degraded = bool(escalated) and answers is None
 
@@ -251,11 +253,14 @@ class Gateway:
             else self._student_output(batch, decision, i, degraded)
             for i in range(len(texts))
         ]
-        if by_teacher:
+        if escalated:  # logged even when the teacher failed: the job labels those offline
             assert decision.reason is not None  # set whenever anything escalates
             reason = decision.reason
             self._write(
-                [self._record(batch, decision, i, a, reason) for i, a in by_teacher.items()]
+                [
+                    self._record(batch, decision, i, by_teacher.get(i), reason, 1.0, status)
+                    for i in escalated
+                ]
             )
         self._maybe_audit(batch, decision)
         return outputs
@@ -271,8 +276,11 @@ class Gateway:
             (p, cut, student) for p, cut in zip(prediction.probs, prediction.truncated, strict=True)
         ]
 
-    async def _ask_teacher(self, texts: list[str]) -> list[dict[str, Any]] | None:
-        """The teacher's answers, or None when it fails or times out (answer degraded)."""
+    async def _ask_teacher(
+        self, texts: list[str]
+    ) -> tuple[list[dict[str, Any]] | None, TeacherStatus]:
+        """The teacher's answers, or None and why when it fails or times out (the student
+        then answers, marked degraded)."""
         calls = [self.teacher.predict_one.remote(t) for t in texts]
         began = time.perf_counter()
         try:
@@ -282,14 +290,16 @@ class Gateway:
             self.metrics.observe(
                 "protege_stage_latency_seconds", time.perf_counter() - began, stage="teacher"
             )
-            return answers
+            return answers, "answered"
         except Exception as exc:  # timeout, dead replica, model error: the student answers
-            kind = "timeout" if isinstance(exc, asyncio.TimeoutError | TimeoutError) else "error"
-            self.metrics.inc("protege_teacher_failures", kind=kind)
+            kind: TeacherStatus = (
+                "timeout" if isinstance(exc, asyncio.TimeoutError | TimeoutError) else "failed"
+            )
+            self.metrics.inc("protege_teacher_failures", kind="error" if kind == "failed" else kind)
             for call in calls:
                 call.cancel()
             logger.warning("teacher failed for %d inputs: %r", len(texts), exc)
-            return None
+            return None, kind
 
     def _teacher_output(self, answer: dict[str, Any], confidence: float) -> ClassifyOutput:
         return make_output(
@@ -322,49 +332,70 @@ class Gateway:
         batch: StudentAnswers,
         decision: Decision,
         i: int,
-        answer: dict[str, Any],
+        answer: dict[str, Any] | None,
         reason: Reason,
+        inclusion_probability: float,
+        status: TeacherStatus | None,
     ) -> EscalationRecord:
         return make_record(
             request_id=batch.request_id,
-            index=i,
             text=batch.texts[i],
             reason=reason,
+            inclusion_probability=inclusion_probability,
             labels=self.labels,
             student_version=batch.students[i].version,
             student_probs=batch.probs[i],
             scorer=self.config.cascade.scorer,
             confidence=decision.confidence[i],
             threshold=float(batch.thresholds[i]),
-            teacher_version=answer["version"],
-            teacher_probs=answer["probs"],
+            teacher=answer,
+            teacher_status=status or "skipped",
         )
 
     # --- audit and log --------------------------------------------------------------------
 
     def _maybe_audit(self, batch: StudentAnswers, decision: Decision) -> None:
-        fraction = self.config.cascade.audit_fraction
-        if fraction <= 0:
+        """Log a uniform sample of the confident inputs, each with probability
+        ``audit_fraction``: with the student's answer only (the job asks the teacher
+        offline, in batch), or with the teacher's, asked off the response path."""
+        cascade = self.config.cascade
+        if cascade.audit_fraction <= 0:
             return
-        chosen = [int(i) for i in np.flatnonzero(~decision.escalate) if random.random() < fraction]
-        if chosen:
-            task = asyncio.create_task(self._audit(batch, decision, chosen))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        chosen = [
+            int(i)
+            for i in np.flatnonzero(~decision.escalate)
+            if random.random() < cascade.audit_fraction
+        ]
+        if not chosen:
+            return
+        self.metrics.inc("protege_escalations", len(chosen), reason="audit")
+        if cascade.audit_teacher == "offline":
+            self._write([self._audit_record(batch, decision, i, None, "skipped") for i in chosen])
+            return
+        task = asyncio.create_task(self._audit(batch, decision, chosen))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _audit(self, batch: StudentAnswers, decision: Decision, chosen: list[int]) -> None:
-        answers = await self._ask_teacher([batch.texts[i] for i in chosen])
-        if answers is not None:
-            for i, answer in zip(chosen, answers, strict=True):
-                agree = int(np.argmax(answer["probs"])) == int(np.argmax(batch.probs[i]))
-                self.metrics.inc("protege_audits", agreement="agree" if agree else "disagree")
-                self.metrics.inc("protege_escalations", reason="audit")
-            self._write(
-                [
-                    self._record(batch, decision, i, a, "audit")
-                    for i, a in zip(chosen, answers, strict=True)
-                ]
-            )
+        answers, status = await self._ask_teacher([batch.texts[i] for i in chosen])
+        by_index = dict(zip(chosen, answers, strict=True)) if answers else {}
+        for i, answer in by_index.items():
+            agree = int(np.argmax(answer["probs"])) == int(np.argmax(batch.probs[i]))
+            self.metrics.inc("protege_audits", agreement="agree" if agree else "disagree")
+        self._write(
+            [self._audit_record(batch, decision, i, by_index.get(i), status) for i in chosen]
+        )
+
+    def _audit_record(
+        self,
+        batch: StudentAnswers,
+        decision: Decision,
+        i: int,
+        answer: dict[str, Any] | None,
+        status: TeacherStatus,
+    ) -> EscalationRecord:
+        fraction = self.config.cascade.audit_fraction
+        return self._record(batch, decision, i, answer, "audit", fraction, status)
 
     def _write(self, records: list[EscalationRecord]) -> None:
         before = (self.log.bytes_written, self.log.rotations)

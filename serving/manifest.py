@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,17 +24,29 @@ MANIFEST_SCHEMA_VERSION = 1
 
 class Calibration(BaseModel):
     """Per-input confidences of a student (one list per scorer) and its agreement with the
-    teacher on the same calibration traffic."""
+    teacher on the same calibration traffic, with each input's weight: the inverse of the
+    probability with which it was logged, so a weighted threshold stands for the whole
+    live traffic. Serving derives the threshold from exactly these numbers."""
 
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(description="What traffic was scored, e.g. 'calibration: 4000 inputs'")
+    kind: Literal["live_traffic", "traffic_sample"] = Field(
+        default="traffic_sample",
+        description="live_traffic: weighted records of the escalation log's calibration "
+        "split; traffic_sample: the task's traffic file (unit weights)",
+    )
     confidences: dict[str, list[float]]
     agrees_with_teacher: list[bool]
+    weights: list[float] | None = Field(
+        default=None, description="One per input (1 / inclusion probability); None: all 1"
+    )
 
     @model_validator(mode="after")
     def _same_length(self) -> Calibration:
         n = len(self.agrees_with_teacher)
+        if self.weights is not None and len(self.weights) != n:
+            raise ValueError(f"calibration weights: {len(self.weights)} values, {n} flags")
         for name, scores in self.confidences.items():
             if len(scores) != n:
                 raise ValueError(
@@ -56,9 +68,11 @@ class Calibration(BaseModel):
             raise ValueError(f"no calibration scores for scorer {scorer!r}")
         scores = self.confidences[scorer]
         if target_escalation_rate is not None:
-            return threshold_for_rate(scores, target_escalation_rate)
+            return threshold_for_rate(scores, target_escalation_rate, self.weights)
         assert target_agreement is not None
-        return threshold_for_agreement(scores, self.agrees_with_teacher, target_agreement)
+        return threshold_for_agreement(
+            scores, self.agrees_with_teacher, target_agreement, self.weights
+        )
 
 
 class DefaultTarget(BaseModel):

@@ -52,21 +52,41 @@ def get_scorer(name: str) -> Scorer:
 
 
 def should_escalate(confidence: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
-    """The one rule of the cascade: escalate when confidence < threshold."""
-    return np.asarray(confidence) < threshold
+    """The one rule of the cascade: escalate when confidence < threshold (or is NaN: a
+    confidence that cannot be computed is no reason to trust the student)."""
+    return ~(np.asarray(confidence) >= threshold)
 
 
-def threshold_for_rate(confidences: Sequence[float], target_rate: float) -> float:
-    """Smallest threshold that escalates at most ``target_rate`` of the calibration inputs.
+Values = Sequence[float] | np.ndarray
+
+
+def _sorted(
+    confidences: Values, weights: Values | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(confidences ascending, their weights, order); unit weights when none are given."""
+    conf = np.asarray(confidences, dtype=float)
+    if conf.size == 0:
+        raise ValueError("cannot derive a threshold from an empty calibration set")
+    w = np.ones_like(conf) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != conf.shape or (w <= 0).any() or not np.isfinite(w).all():
+        raise ValueError("calibration weights must be positive, finite, one per confidence")
+    order = np.argsort(conf, kind="stable")
+    return conf[order], w[order], order
+
+
+def threshold_for_rate(
+    confidences: Values, target_rate: float, weights: Values | None = None
+) -> float:
+    """Smallest threshold that escalates at most ``target_rate`` of the (weighted)
+    calibration inputs.
 
     Ties are kept together: every input sharing a confidence escalates or none does.
     """
     if not 0.0 <= target_rate <= 1.0:
         raise ValueError(f"target_rate must lie in [0, 1], got {target_rate}")
-    scores = np.sort(np.asarray(confidences, dtype=float))
-    if scores.size == 0:
-        raise ValueError("cannot derive a threshold from an empty calibration set")
-    budget = int(np.floor(target_rate * scores.size + 1e-9))
+    scores, w, _ = _sorted(confidences, weights)
+    escalated_weight = np.concatenate([[0.0], np.cumsum(w)])  # escalating the i lowest
+    budget = int(np.flatnonzero(escalated_weight <= target_rate * w.sum() * (1 + 1e-12))[-1])
     if budget >= scores.size:
         return float(np.nextafter(scores[-1], np.inf))
     # inputs strictly below the (budget)-th lowest score escalate: at most `budget` of them
@@ -74,9 +94,13 @@ def threshold_for_rate(confidences: Sequence[float], target_rate: float) -> floa
 
 
 def threshold_for_agreement(
-    confidences: Sequence[float], agrees: Sequence[bool], target_agreement: float
+    confidences: Values,
+    agrees: Sequence[bool] | np.ndarray,
+    target_agreement: float,
+    weights: Values | None = None,
 ) -> float:
-    """Smallest threshold whose cascade agrees with the teacher on ``target_agreement``.
+    """Smallest threshold whose cascade agrees with the teacher on ``target_agreement`` of
+    the (weighted) calibration inputs.
 
     An escalated input always agrees (the teacher answers it); a kept one agrees when the
     student's label equals the teacher's. Escalating the least confident inputs first,
@@ -84,16 +108,15 @@ def threshold_for_agreement(
     """
     if not 0.0 <= target_agreement <= 1.0:
         raise ValueError(f"target_agreement must lie in [0, 1], got {target_agreement}")
-    conf = np.asarray(confidences, dtype=float)
-    agree = np.asarray(agrees, dtype=bool)
-    if conf.size == 0 or conf.size != agree.size:
+    if len(agrees) != len(confidences):
         raise ValueError("confidences and agrees must be non-empty and of equal length")
-    order = np.argsort(conf, kind="stable")
-    conf, agree = conf[order], agree[order]
-    needed = target_agreement * conf.size - 1e-9
-    # agreement when the i lowest are escalated: i + (agreeing among the rest)
-    kept_agree = np.concatenate([np.cumsum(agree[::-1])[::-1], [0]])
-    agreement = np.arange(conf.size + 1) + kept_agree
+    conf, w, order = _sorted(confidences, weights)
+    agree = np.asarray(agrees, dtype=bool)[order]
+    needed = target_agreement * w.sum() - 1e-9 * w.sum()
+    # agreement when the i lowest are escalated: their weight + agreeing weight of the rest
+    escalated = np.concatenate([[0.0], np.cumsum(w)])
+    kept_agree = np.concatenate([np.cumsum((w * agree)[::-1])[::-1], [0.0]])
+    agreement = escalated + kept_agree
     for i in np.flatnonzero(agreement >= needed):
         # escalating the i lowest is only expressible if no tie straddles the cut
         if i == 0:

@@ -22,7 +22,7 @@ def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def lite_cache(tmp_path_factory) -> Path:
     """The default-model build on the lite profile: real MiniLM weights and BBC data."""
-    from distill.defaults import build_defaults
+    from protege.default_models import build_defaults
 
     cache = tmp_path_factory.mktemp("cache")
     build_defaults(cache, "lite", device="cpu")

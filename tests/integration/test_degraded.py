@@ -1,7 +1,9 @@
-"""A teacher that fails or times out: the student answers with degraded=true, never a 5xx."""
+"""A teacher that fails or times out: the student answers with degraded=true, never a 5xx,
+and every input chosen for escalation is still logged with its inclusion probability (its
+teacher fields empty, for the distillation job to label offline)."""
 
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, wait_for
 
 from serving.escalation_log import iter_records
 
@@ -10,13 +12,23 @@ pytestmark = pytest.mark.integration
 
 def test_teacher_timeout_gives_degraded_student_answers(deploy, tiny_pair, tmp_path):
     # 1 ms is shorter than any teacher call: every escalation times out
-    client = deploy("degraded", tiny_config(tiny_pair, tmp_path, teacher_timeout_s=0.001))
+    config = tiny_config(tiny_pair, tmp_path, teacher_timeout_s=0.001)
+    config["cascade"] = {"threshold": 0.5, "audit_fraction": 1.0, "audit_teacher": "online"}
+    client = deploy("degraded", config)
     texts = ["Shares slide as oil prices jump", "Striker scores twice in cup final"]
     outputs = client.classify(texts, threshold=1.0).outputs  # everything escalates
     for output in outputs:
         assert output.degraded and output.escalated
         assert output.tier == "student"
         assert output.model_version == client.models().student.version
-    assert list(iter_records(tmp_path)) == []  # no teacher answer, nothing to learn from
-    kept = client.classify(texts, threshold=0.0).outputs
+    records = list(iter_records(tmp_path))
+    assert sorted(r.text for r in records) == sorted(texts)
+    for record in records:
+        assert record.reason == "low_confidence" and record.inclusion_probability == 1.0
+        assert record.teacher_status == "timeout" and record.teacher_probs is None
+    kept = client.classify(texts, threshold=0.0, request_id="kept").outputs
     assert not any(o.degraded for o in kept)
+    # audits whose teacher timed out are logged too, at the audit fraction
+    audits = wait_for(lambda: [r for r in iter_records(tmp_path) if r.request_id == "kept"] or None)
+    assert len(audits) == 2 and {r.reason for r in audits} == {"audit"}
+    assert {r.teacher_status for r in audits} == {"timeout"}

@@ -1,55 +1,64 @@
-"""The distillation job end to end on the lite default models: a log of escalations made
-from the teacher's real answers, then runs that promote, reject and find nothing to do."""
+"""The distillation job end to end on the lite default task: a log written as the gateway
+writes it (escalations with the teacher's answer, a uniform sample of confident inputs
+without it), then runs that promote, reject, refuse on too little evidence and find
+nothing to do."""
 
 import random
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from distill import bbc
 from distill.config import DistillConfig
 from distill.job import run
+from protege import bbc
+from serving.cascade import make_record, resolve_threshold
 from serving.classifier import Classifier
-from serving.escalation_log import EscalationLogWriter, EscalationRecord
+from serving.config import CascadeConfig
+from serving.escalation_log import EscalationLogWriter
 from serving.registry import Registry
 
 pytestmark = pytest.mark.integration
 
 
-def write_escalations(cache: Path, log: Path, n: int, scramble: bool = False) -> None:
-    """What the gateway would log for ``n`` stream inputs; ``scramble`` makes the teacher's
-    distributions random: a log that can only teach the student nonsense."""
+def write_log(
+    cache: Path, log: Path, n: int, *, audit_fraction: float = 0.5, scramble: bool = False
+) -> None:
+    """What the gateway would log serving ``n`` stream inputs with the seed student;
+    ``scramble`` makes the teacher's distributions random: a log that can only teach the
+    student nonsense."""
     teacher = Classifier(cache / "models" / "teacher", device="cpu")
     student = Classifier(cache / "models" / "student", device="cpu")
+    threshold = resolve_threshold(CascadeConfig(), student.manifest).value
     examples = random.Random(n).sample(bbc.read_split(cache / "data", "stream_sentences"), n)
     texts = [e.text for e in examples]
     t_probs, s_probs = teacher.predict(texts).probs, student.predict(texts).probs
     if scramble:
         t_probs = np.random.default_rng(0).dirichlet(np.full(5, 0.2), size=n).astype(np.float32)
-    writer = EscalationLogWriter(log)
-    writer.append(
-        [
-            EscalationRecord(
-                record_id=f"{'bad' if scramble else 'req'}{i}:0",
+    rng = random.Random(1)
+    records = []
+    for i, (text, t, s) in enumerate(zip(texts, t_probs, s_probs, strict=True)):
+        escalate = float(s.max()) < threshold
+        if not escalate and rng.random() >= audit_fraction:
+            continue
+        records.append(
+            make_record(
                 request_id=f"req{i}",
-                timestamp=time.time(),
                 text=text,
-                reason="low_confidence",
+                reason="low_confidence" if escalate else "audit",
+                inclusion_probability=1.0 if escalate else audit_fraction,
                 labels=bbc.LABELS,
                 student_version=student.version,
-                student_probs=s.tolist(),
+                student_probs=s,
                 scorer="max_prob",
                 confidence=float(s.max()),
-                threshold=0.9,
-                teacher_version=teacher.version,
-                teacher_probs=t.tolist(),
-                teacher_label=bbc.LABELS[int(t.argmax())],
+                threshold=threshold,
+                teacher={"probs": t.tolist(), "version": teacher.version} if escalate else None,
+                teacher_status="answered" if escalate else "skipped",
             )
-            for i, (text, t, s) in enumerate(zip(texts, t_probs, s_probs, strict=True))
-        ]
-    )
+        )
+    writer = EscalationLogWriter(log)
+    writer.append(records)
     writer.close()
 
 
@@ -58,22 +67,16 @@ def job_config(cache: Path, root: Path, **train) -> DistillConfig:
         {
             "registry": root / "registry",
             "log_dir": root / "log",
-            "data_dir": cache / "data",
             "teacher": cache / "models" / "teacher",
+            "traffic": cache / "data" / "traffic.jsonl",
+            "gold": cache / "data" / "gold.jsonl",
+            "cache_dir": cache / "scores",
             "min_records": 50,
-            "holdout_sentences": 300,
-            "calibration_size": 400,
             "device": "cpu",
-            "train": {
-                "epochs": 2,
-                "batch_size": 16,
-                "max_tokens": 48,
-                "lr_encoder": 5e-5,
-                "lr_head": 2e-3,
-                **train,
-            },
-            "replay": {"earlier_records": 50, "seed_examples": False},
-            "gate": {"target_agreement": 0.95, "min_rate_drop": 0.01, "accuracy_tolerance": 0.02},
+            "train": {"epochs": 2, "batch_size": 16, "lr_encoder": 5e-5, "lr_head": 2e-3, **train},
+            "replay": {"earlier_records": 50},
+            "eval": {"share": 0.5, "min_calibration_sampled": 40},
+            "gate": {"target_agreement": 0.95, "min_sampled": 40, "gold_margin": 0.05},
         }
     )
 
@@ -89,20 +92,23 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
     lite_cache, tmp_path, seeded_registry
 ):
     seed = seeded_registry.current()
-    write_escalations(lite_cache, tmp_path / "log", 400)
+    write_log(lite_cache, tmp_path / "log", 1200)
     report = run(job_config(lite_cache, tmp_path))
     assert report["result"] == "promoted", report["reason"]
-    before, after = report["eval"]["current"], report["eval"]["candidate"]
-    assert after["teacher_agreement"] > before["teacher_agreement"]
-    assert after["escalation_rate"] <= before["escalation_rate"] - 0.01
+    decision = report["decision"]
+    drop = decision["escalation_drop"]
+    assert drop["low"] > 0 and drop["sampled"] >= 40  # positive at the stated confidence
+    assert report["offline_labelled"] > 0  # audited inputs were labelled by the job
+    assert report["calibration"]["kind"] == "live_traffic"
     current = seeded_registry.current()
     assert current == report["candidate"] != seed
     manifest = seeded_registry.manifest(current)
     assert manifest.parent == seed and manifest.calibration is not None
-    assert manifest.eval["threshold"] == pytest.approx(
-        manifest.calibration.threshold("max_prob", target_agreement=0.95)
-    )
-    assert manifest.training["window"]["new_records"] == 400
+    assert manifest.calibration.kind == "live_traffic" and manifest.calibration.weights
+    # serving derives exactly the threshold the gate judged the candidate at
+    served = resolve_threshold(CascadeConfig(), manifest).value
+    assert served == pytest.approx(decision["candidate"]["threshold"])
+    assert manifest.training["window"]["new_records"] == report["window"]["new_records"]
     again = run(job_config(lite_cache, tmp_path))
     assert again["result"] == "nothing-to-do" and "0 new records" in again["reason"]
     runs = sorted((seeded_registry.root / "runs").glob("*.json"))
@@ -112,26 +118,35 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
 
 def test_a_worse_candidate_is_rejected_and_nothing_changes(lite_cache, tmp_path, seeded_registry):
     seed = seeded_registry.current()
-    write_escalations(lite_cache, tmp_path / "log", 300, scramble=True)
+    write_log(lite_cache, tmp_path / "log", 600, scramble=True)
     report = run(job_config(lite_cache, tmp_path, lr_encoder=5e-4, lr_head=5e-3, epochs=3))
-    assert report["result"] == "rejected", report["eval"]
+    assert report["result"] == "rejected", report["reason"]
     assert seeded_registry.current() == seed
     assert [m.version for m in seeded_registry.versions()] == [seed]
     assert not list((seeded_registry.root / "staging").glob("*"))
 
 
+def test_no_audit_sample_is_not_enough_evidence(lite_cache, tmp_path, seeded_registry):
+    seed = seeded_registry.current()
+    write_log(lite_cache, tmp_path / "log", 600, audit_fraction=0.0)
+    report = run(job_config(lite_cache, tmp_path, epochs=1))
+    assert report["result"] == "rejected"
+    assert report["reason"].startswith("not enough evidence: 0 sampled")
+    assert seeded_registry.current() == seed
+
+
 def test_a_failed_run_is_reported_and_publishes_nothing(
     lite_cache, tmp_path, seeded_registry, monkeypatch
 ):
-    import distill.job
+    import distill.gate
 
     seed = seeded_registry.current()
-    write_escalations(lite_cache, tmp_path / "log", 60)
+    write_log(lite_cache, tmp_path / "log", 200)
 
     def crash(*_, **__):
         raise RuntimeError("out of memory in the middle of evaluation")
 
-    monkeypatch.setattr(distill.job, "gate", crash)
+    monkeypatch.setattr(distill.gate, "decide", crash)
     with pytest.raises(RuntimeError, match="out of memory"):
         run(job_config(lite_cache, tmp_path, epochs=1))
     assert seeded_registry.current() == seed and len(seeded_registry.versions()) == 1
@@ -143,7 +158,7 @@ def test_a_failed_run_is_reported_and_publishes_nothing(
 def test_missing_log_folder_and_empty_registry_are_clear(lite_cache, tmp_path):
     from serving.registry import RegistryError
 
-    with pytest.raises(RegistryError, match="registry import"):
+    with pytest.raises(RegistryError, match="protege init"):
         run(job_config(lite_cache, tmp_path))
     registry = Registry(tmp_path / "registry")
     registry.promote(registry.import_folder(lite_cache / "models" / "student"))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.bbc import LABELS
-from distill.defaults import build_defaults
+from protege.bbc import LABELS
+from protege.default_models import build_defaults
 from protege.gateway_process import load_serve_config
 from serving.escalation_log import iter_records
 from serving.manifest import read_manifest
@@ -17,9 +17,12 @@ pytestmark = pytest.mark.integration
 
 def test_build_writes_a_report_and_is_idempotent(lite_cache):
     report = build_defaults(lite_cache, "lite")
-    figures = report["holdout"]
-    assert figures["holdout_headlines"] > 300
-    assert 0.2 < figures["student_accuracy"] <= 1 and 0.2 < figures["teacher_accuracy"] <= 1
+    figures = report["figures"]
+    assert figures["gold_texts"] > 300 and figures["traffic_texts"] == 300
+    assert (
+        0.2 < figures["student_gold_accuracy"] <= 1 and 0.2 < figures["teacher_gold_accuracy"] <= 1
+    )
+    assert report["labels"] == LABELS and report["task"] == "bbc-news"
     weights = lite_cache / "models" / "student" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     assert build_defaults(lite_cache, "lite") == report
@@ -50,4 +53,6 @@ def test_default_models_serve_from_the_shipped_config(lite_cache, deploy, tmp_pa
     texts = ["Chancellor unveils budget tax cuts", "Arsenal beat Chelsea in cup"]
     result = client.classify(texts, force_tier="teacher", request_id="e2e")
     assert all(o.label in LABELS and o.tier == "teacher" for o in result.outputs)
-    assert sorted(r.record_id for r in iter_records(tmp_path / "log")) == ["e2e:0", "e2e:1"]
+    records = list(iter_records(tmp_path / "log"))
+    assert sorted(r.text for r in records) == sorted(texts)
+    assert {r.request_id for r in records} == {"e2e"} and {r.reason for r in records} == {"forced"}

@@ -31,9 +31,8 @@ def log_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(deploy, tiny_pair, log_dir) -> ProtegeClient:
-    return deploy(
-        "main", tiny_config(tiny_pair, log_dir, cascade={"threshold": 0.5, "audit_fraction": 1.0})
-    )
+    cascade = {"threshold": 0.5, "audit_fraction": 1.0, "audit_teacher": "online"}
+    return deploy("main", tiny_config(tiny_pair, log_dir, cascade=cascade))
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +89,19 @@ def test_single_input_headers_and_request_id(client, serve_cluster):
 def test_escalations_and_audits_land_in_the_log_with_both_distributions(client, log_dir):
     threshold = median_confidence(client)
     result = client.classify(TEXTS, threshold=threshold, request_id="log-check-1")
-    wanted = {f"log-check-1:{i}": o for i, o in enumerate(result.outputs)}
+    wanted = dict(zip(TEXTS, result.outputs, strict=True))
 
     def records():
-        found = {r.record_id: r for r in iter_records(log_dir) if r.request_id == "log-check-1"}
+        found = {r.text: r for r in iter_records(log_dir) if r.request_id == "log-check-1"}
         return found if len(found) == len(wanted) else None
 
     found = wait_for(records)  # audits of the kept inputs are written off the response path
     assert isinstance(found, dict)
-    for record_id, output in wanted.items():
-        record = found[record_id]
+    for text, output in wanted.items():
+        record = found[text]
         assert record.reason == ("low_confidence" if output.escalated else "audit")
+        assert record.inclusion_probability == 1.0  # escalated, or audited at fraction 1
+        assert record.teacher_status == "answered" and record.teacher_probs is not None
         assert record.threshold == pytest.approx(threshold)
         assert record.confidence == pytest.approx(output.confidence, abs=1e-5)
         assert len(record.student_probs) == len(record.teacher_probs) == 5
@@ -111,13 +112,18 @@ def test_escalations_and_audits_land_in_the_log_with_both_distributions(client, 
                 list(output.probabilities.values()), abs=1e-5
             )
             assert record.teacher_version == output.model_version
+    ids = [r.record_id for r in found.values()]
+    assert len(set(ids)) == len(ids)  # made by the server, never from the client's id
+    assert all(len(i) == 32 and "log-check" not in i for i in ids)
 
 
-def test_forced_escalations_are_logged_as_forced(client, log_dir):
-    client.classify(TEXTS[:2], force_tier="teacher", request_id="forced-1")
+def test_forced_escalations_are_logged_as_forced_even_with_a_reused_request_id(client, log_dir):
+    for _ in range(2):  # a client reusing its request id loses nothing from the log
+        client.classify(TEXTS[:2], force_tier="teacher", request_id="forced-1")
     found = [r for r in iter_records(log_dir) if r.request_id == "forced-1"]
-    assert sorted(r.record_id for r in found) == ["forced-1:0", "forced-1:1"]
+    assert len({r.record_id for r in found}) == 4
     assert {r.reason for r in found} == {"forced"}
+    assert {r.inclusion_probability for r in found} == {1.0}
 
 
 def test_text_longer_than_the_window_is_truncated_and_says_so(client):

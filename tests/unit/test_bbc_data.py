@@ -1,4 +1,4 @@
-from distill import bbc
+from protege import bbc
 
 
 def test_splits_are_deterministic_disjoint_and_deduplicated():

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from serving.cascade import decide, make_output, make_record
 
@@ -27,20 +28,48 @@ def test_output_names_the_top_label_and_keeps_the_distribution():
     assert out.label == "a" and out.probabilities == {"a": 0.4, "b": 0.35, "c": 0.25}
 
 
-def test_record_carries_both_distributions_and_the_teachers_label():
-    record = make_record(
-        request_id="r",
-        index=2,
+def record(**overrides):
+    fields = dict(
+        request_id="client-chosen-id",
         text="t",
         reason="audit",
+        inclusion_probability=0.02,
         labels=LABELS,
         student_version="s1",
         student_probs=PROBS[2],
         scorer="max_prob",
         confidence=0.34,
         threshold=0.5,
-        teacher_version="t1",
-        teacher_probs=[0.1, 0.1, 0.8],
+        teacher={"version": "t1", "probs": [0.1, 0.1, 0.8]},
     )
-    assert record.record_id == "r:2" and record.teacher_label == "c"
-    assert record.student_probs == [0.34, 0.33, 0.33] and record.schema_version == 1
+    return make_record(**(fields | overrides))
+
+
+def test_record_carries_both_distributions_and_the_teachers_label():
+    rec = record()
+    assert rec.teacher_status == "answered" and rec.teacher_version == "t1"
+    assert rec.teacher_probs == [0.1, 0.1, 0.8] and rec.teacher_label == "c"
+    assert rec.student_probs == [0.34, 0.33, 0.33] and rec.schema_version == 2
+    assert rec.inclusion_probability == 0.02 and rec.evaluable
+    assert rec.request_id == "client-chosen-id"
+
+
+def test_record_ids_are_made_by_the_server():
+    first, second = record(), record()  # the same request id twice, e.g. a client retry
+    for rec in (first, second):
+        assert len(rec.record_id) == 32 and int(rec.record_id, 16) >= 0  # uuid4 hex
+        assert "client-chosen-id" not in rec.record_id
+    assert first.record_id != second.record_id
+
+
+@pytest.mark.parametrize("status", ["failed", "timeout", "skipped"])
+def test_a_teacher_without_an_answer_leaves_the_teacher_fields_empty(status):
+    rec = record(teacher=None, teacher_status=status, reason="low_confidence")
+    assert rec.teacher_status == status
+    assert rec.teacher_version is None and rec.teacher_probs is None and rec.teacher_label is None
+    assert rec.inclusion_probability == 0.02 and rec.student_probs == [0.34, 0.33, 0.33]
+
+
+def test_an_answer_wins_over_a_stale_status():
+    rec = record(teacher_status="failed")  # the teacher did answer
+    assert rec.teacher_status == "answered" and rec.teacher_label == "c"

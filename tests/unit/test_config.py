@@ -3,6 +3,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from serving import defaults
 from serving.app import ConfigError, check_models, load_config
 from serving.cascade import resolve_threshold
 from serving.config import CascadeConfig, GatewayConfig
@@ -21,7 +22,9 @@ def test_defaults_fill_everything_but_the_models(tmp_path):
     cfg = GatewayConfig.model_validate(
         {"student": {"path": tmp_path}, "teacher": {"path": tmp_path}}
     )
-    assert cfg.cascade.scorer == "max_prob" and cfg.limits.max_inputs == 64
+    assert cfg.cascade.scorer == defaults.SCORER and cfg.limits.max_inputs == 64
+    assert cfg.cascade.audit_fraction == defaults.AUDIT_FRACTION
+    assert cfg.student.max_tokens == cfg.teacher.max_tokens == defaults.MAX_TOKENS
 
 
 def test_unknown_scorer_names_the_known_ones():

@@ -1,59 +1,146 @@
-from test_escalation_log import record
+import itertools
+import json
+
+from test_escalation_log import record, version1_line
 
 from distill.dataset import read_watermark, read_window, write_watermark
+from distill.splits import role_of
 from serving.escalation_log import EscalationLogWriter
 
+SHARE = 0.5  # half the texts evaluate: every role shows up in a handful of texts
 
-def test_watermark_yields_each_record_once_across_runs(tmp_path):
+
+def texts(role: str, n: int) -> list[str]:
+    """``n`` distinct headlines whose hash puts them in ``role``."""
+    found = (f"headline number {i}" for i in itertools.count())
+    return list(itertools.islice((t for t in found if role_of(t, SHARE) == role), n))
+
+
+TRAIN = texts("train", 30)
+CAL = texts("calibration", 5)
+GATE = texts("gate", 5)
+
+
+def window(log, watermark=None, *, replay=0, seed=0, max_eval=50_000):
+    return read_window(
+        log, watermark or {}, eval_share=SHARE, replay=replay, seed=seed, max_eval=max_eval
+    )
+
+
+def ids(records) -> list[str]:
+    return [r.record_id for r in records]
+
+
+def test_training_records_are_consumed_once_via_the_watermark(tmp_path):
     log = tmp_path / "log"
     writer = EscalationLogWriter(log)
-    writer.append([record(i) for i in range(5)])
-    first = read_window(log, {}, exclude_texts=set(), replay=0, seed=0)
-    assert [r.record_id for r in first.new] == [f"req{i}:0" for i in range(5)]
+    writer.append([record(i, TRAIN[i]) for i in range(5)])
+    first = window(log)
+    assert ids(first.new) == [f"rec{i}" for i in range(5)]
     write_watermark(tmp_path / "reg", first.watermark)
-    writer.append([record(i) for i in range(5, 8)])
-    second = read_window(
-        log, read_watermark(tmp_path / "reg"), exclude_texts=set(), replay=0, seed=0
-    )
-    assert [r.record_id for r in second.new] == ["req5:0", "req6:0", "req7:0"]
-    third = read_window(log, second.watermark, exclude_texts=set(), replay=0, seed=0)
+    writer.append([record(i, TRAIN[i]) for i in range(5, 8)])
+    second = window(log, read_watermark(tmp_path / "reg"))
+    assert ids(second.new) == ["rec5", "rec6", "rec7"]
+    third = window(log, second.watermark)
     assert third.new == []
     writer.close()
 
 
-def test_duplicates_and_evaluation_texts_are_dropped(tmp_path):
+def test_evaluation_records_never_train_and_are_pooled_every_run(tmp_path):
     writer = EscalationLogWriter(tmp_path)
-    writer.append([record(1), record(2, text="a holdout headline"), record(3)])
-    writer.append([record(1)])  # a retried request with the same id
-    window = read_window(tmp_path, {}, exclude_texts={"a holdout headline"}, replay=0, seed=0)
-    assert [r.record_id for r in window.new] == ["req1:0", "req3:0"]
-    assert window.duplicates == 1 and window.excluded_holdout == 1
+    writer.append([record(0, TRAIN[0]), record(1, CAL[0]), record(2, GATE[0]), record(3, TRAIN[1])])
+    first = window(tmp_path, replay=10)
+    assert ids(first.new) == ["rec0", "rec3"]
+    assert ids(first.evaluation["calibration"]) == ["rec1"]
+    assert ids(first.evaluation["gate"]) == ["rec2"]
+    # an audited confident input, and the same text again: each stands for its own inputs
+    writer.append(
+        [
+            record(4, CAL[1], inclusion_probability=0.02, reason="audit"),
+            record(5, GATE[0]),
+            record(6, TRAIN[2]),
+        ]
+    )
+    second = window(tmp_path, first.watermark, replay=10)
+    assert ids(second.new) == ["rec6"]
+    assert ids(second.replay) and set(ids(second.replay)) <= {"rec0", "rec3"}
+    assert ids(second.evaluation["calibration"]) == ["rec1", "rec4"]  # pooled again
+    assert ids(second.evaluation["gate"]) == ["rec2", "rec5"]  # same text, not deduplicated
+    third = window(tmp_path, second.watermark, replay=10)
+    assert third.new == [] and ids(third.evaluation["gate"]) == ["rec2", "rec5"]
+    described = second.describe()
+    assert described["calibration_records"] == 2 and described["gate_records"] == 2
     writer.close()
 
 
-def test_replay_samples_earlier_records_deterministically(tmp_path):
+def test_the_split_follows_the_normalised_text(tmp_path):
     writer = EscalationLogWriter(tmp_path)
-    writer.append([record(i) for i in range(20)])
-    consumed = read_window(tmp_path, {}, exclude_texts=set(), replay=0, seed=0)
-    writer.append([record(i) for i in range(20, 25)])
-    a = read_window(tmp_path, consumed.watermark, exclude_texts=set(), replay=6, seed=3)
-    b = read_window(tmp_path, consumed.watermark, exclude_texts=set(), replay=6, seed=3)
-    assert [r.record_id for r in a.replay] == [r.record_id for r in b.replay]
-    assert len(a.replay) == 6 and {r.record_id for r in a.replay} <= {
-        f"req{i}:0" for i in range(20)
-    }
-    assert [r.record_id for r in a.new] == [f"req{i}:0" for i in range(20, 25)]
+    shouted = "  " + GATE[0].upper().replace(" ", "   ") + "\n"
+    writer.append([record(1, shouted), record(2, TRAIN[0].title())])
+    result = window(tmp_path)
+    assert ids(result.evaluation["gate"]) == ["rec1"] and ids(result.new) == ["rec2"]
+    writer.close()
+
+
+def test_evaluation_keeps_the_newest_records(tmp_path):
+    writer = EscalationLogWriter(tmp_path)
+    writer.append([record(i, CAL[i % len(CAL)], timestamp=100.0 - i) for i in range(6)])
+    result = window(tmp_path, max_eval=2)
+    assert ids(result.evaluation["calibration"]) == ["rec1", "rec0"]  # oldest first
+    writer.close()
+
+
+def test_version_1_records_train_but_never_evaluate(tmp_path):
+    segment = tmp_path / "escalations-0000000000001-old-1-000001.jsonl"
+    segment.write_text(
+        version1_line(1, TRAIN[0]) + version1_line(2, CAL[0]) + version1_line(3, GATE[0])
+    )
+    first = window(tmp_path)
+    assert ids(first.new) == ["req1:0"] and first.new[0].schema_version == 1
+    assert first.evaluation == {"calibration": [], "gate": []}
+    assert first.unweighted_eval_dropped == 2
+    assert first.describe()["version1_eval_records_dropped"] == 2
+    again = window(tmp_path, first.watermark)  # dropped (and counted) on every run
+    assert again.new == [] and again.unweighted_eval_dropped == 2
+
+
+def test_duplicate_record_ids_are_dropped_in_training(tmp_path):
+    writer = EscalationLogWriter(tmp_path)
+    writer.append([record(1, TRAIN[0]), record(2, TRAIN[1]), record(3, TRAIN[2])])
+    writer.append([record(1, TRAIN[0])])  # the same record written twice
+    first = window(tmp_path)
+    assert ids(first.new) == ["rec1", "rec2", "rec3"] and first.duplicates == 1
+    writer.append([record(2, TRAIN[1]), record(4, TRAIN[3])])  # consumed in an earlier run
+    second = window(tmp_path, first.watermark)
+    assert ids(second.new) == ["rec4"] and second.duplicates == 1
+    assert second.describe()["duplicates_dropped"] == 1
+    writer.close()
+
+
+def test_replay_samples_earlier_training_records_deterministically(tmp_path):
+    writer = EscalationLogWriter(tmp_path)
+    writer.append([record(i, TRAIN[i]) for i in range(20)] + [record(99, CAL[0])])
+    consumed = window(tmp_path)
+    writer.append([record(i, TRAIN[i]) for i in range(20, 25)])
+    a = window(tmp_path, consumed.watermark, replay=6, seed=3)
+    b = window(tmp_path, consumed.watermark, replay=6, seed=3)
+    assert ids(a.replay) == ids(b.replay)
+    assert len(a.replay) == 6 and set(ids(a.replay)) <= {f"rec{i}" for i in range(20)}
+    assert ids(a.new) == [f"rec{i}" for i in range(20, 25)]
+    everything = window(tmp_path, consumed.watermark, replay=100, seed=0)
+    assert len(everything.replay) == 20 and "rec99" not in ids(everything.replay)
     writer.close()
 
 
 def test_torn_lines_are_counted_and_never_consumed(tmp_path):
     writer = EscalationLogWriter(tmp_path)
-    writer.append([record(1)])
+    writer.append([record(1, TRAIN[0])])
     writer.close()
     with open(writer.current_segment, "ab") as handle:
-        handle.write(record(2).model_dump_json().encode()[:30])
-    window = read_window(tmp_path, {}, exclude_texts=set(), replay=0, seed=0)
-    assert [r.record_id for r in window.new] == ["req1:0"]
-    assert window.stats.skipped_lines == 1
-    again = read_window(tmp_path, window.watermark, exclude_texts=set(), replay=0, seed=0)
+        handle.write(record(2, TRAIN[1]).model_dump_json().encode()[:30])
+    result = window(tmp_path)
+    assert ids(result.new) == ["rec1"]
+    assert result.stats.skipped_lines == 1
+    again = window(tmp_path, result.watermark)
     assert again.new == [] and again.stats.skipped_lines == 1
+    assert json.loads(json.dumps(again.describe()))["corrupt_or_torn_lines"] == 1

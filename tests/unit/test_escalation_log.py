@@ -2,8 +2,10 @@ import json
 import os
 
 import pytest
+from pydantic import ValidationError
 
 from serving.escalation_log import (
+    SCHEMA_VERSION,
     EscalationLogWriter,
     EscalationRecord,
     ReadStats,
@@ -12,13 +14,23 @@ from serving.escalation_log import (
 )
 
 
-def record(i: int, text: str = "some headline") -> EscalationRecord:
+def record(
+    i: int,
+    text: str = "some headline",
+    *,
+    inclusion_probability: float = 1.0,
+    timestamp: float | None = None,
+    reason: str = "low_confidence",
+) -> EscalationRecord:
+    """A version-2 record answered by the teacher; its id is ``rec<i>`` (the server makes
+    ids: they are not derived from the request id)."""
     return EscalationRecord(
-        record_id=f"req{i}:0",
+        record_id=f"rec{i}",
         request_id=f"req{i}",
-        timestamp=1_700_000_000.0 + i,
+        timestamp=1_700_000_000.0 + i if timestamp is None else timestamp,
         text=text,
-        reason="low_confidence",
+        reason=reason,
+        inclusion_probability=inclusion_probability,
         labels=["a", "b", "c"],
         student_version="s1",
         student_probs=[0.4, 0.35, 0.25],
@@ -29,6 +41,15 @@ def record(i: int, text: str = "some headline") -> EscalationRecord:
         teacher_probs=[0.1, 0.8, 0.1],
         teacher_label="b",
     )
+
+
+def version1_line(i: int, text: str = "an old headline") -> str:
+    """A line as a version-1 writer wrote it: no inclusion probability, no teacher status,
+    the record id made from the request id."""
+    fields = json.loads(record(i, text).model_dump_json())
+    del fields["inclusion_probability"], fields["teacher_status"]
+    fields |= {"schema_version": 1, "record_id": f"req{i}:0"}
+    return json.dumps(fields) + "\n"
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -43,7 +64,7 @@ def test_round_trip_keeps_every_field(tmp_path):
 def test_records_are_readable_before_close(tmp_path):
     writer = EscalationLogWriter(tmp_path)
     writer.append([record(1)])
-    assert [r.record_id for r in iter_records(tmp_path)] == ["req1:0"]
+    assert [r.record_id for r in iter_records(tmp_path)] == ["rec1"]
     writer.close()
 
 
@@ -56,7 +77,7 @@ def test_rotation_by_size_loses_and_splits_nothing(tmp_path):
     segments = list_segments(tmp_path)
     assert len(segments) == 4 and writer.rotations == 3
     assert all(s.stat().st_size <= 3 * line_bytes for s in segments)
-    assert [r.record_id for r in iter_records(tmp_path)] == [f"req{i}:0" for i in range(10)]
+    assert [r.record_id for r in iter_records(tmp_path)] == [f"rec{i}" for i in range(10)]
 
 
 def test_torn_last_line_is_skipped_and_counted(tmp_path):
@@ -68,7 +89,7 @@ def test_torn_last_line_is_skipped_and_counted(tmp_path):
     with open(segment, "ab") as handle:
         handle.write(whole[: len(whole) // 2])  # a crash mid-write
     stats = ReadStats()
-    assert [r.record_id for r in iter_records(tmp_path, stats)] == ["req1:0", "req2:0"]
+    assert [r.record_id for r in iter_records(tmp_path, stats)] == ["rec1", "rec2"]
     assert stats.skipped_lines == 1 and "torn line" in stats.skipped_reasons[0]
 
 
@@ -85,7 +106,7 @@ def test_corrupt_and_foreign_schema_lines_are_skipped(tmp_path):
         + "\n"
     )
     stats = ReadStats()
-    assert [r.record_id for r in iter_records(tmp_path, stats)] == ["req1:0"]
+    assert [r.record_id for r in iter_records(tmp_path, stats)] == ["rec1"]
     assert stats.skipped_lines == 3
     assert any("schema version 99" in reason for reason in stats.skipped_reasons)
 
@@ -100,7 +121,7 @@ def test_writers_never_share_a_segment(tmp_path):
     assert first.current_segment != second.current_segment
     first.close()
     second.close()
-    assert sorted(r.record_id for r in iter_records(tmp_path)) == ["req1:0", "req2:0"]
+    assert sorted(r.record_id for r in iter_records(tmp_path)) == ["rec1", "rec2"]
 
 
 def test_close_fsyncs_and_refuses_later_writes(tmp_path, monkeypatch):
@@ -127,12 +148,85 @@ def test_read_from_an_offset_resumes_exactly_where_it_stopped(tmp_path):
     writer.append([record(1), record(2)])
     segment = writer.current_segment
     first, offset = read_from(segment, 0)
-    assert [r.record_id for r in first] == ["req1:0", "req2:0"]
+    assert [r.record_id for r in first] == ["rec1", "rec2"]
     writer.append([record(3)])
     with open(segment, "ab") as handle:  # a torn line after it
         handle.write(record(4).model_dump_json().encode()[:40])
     stats = ReadStats()
     more, end = read_from(segment, offset, stats)
-    assert [r.record_id for r in more] == ["req3:0"] and stats.skipped_lines == 1
+    assert [r.record_id for r in more] == ["rec3"] and stats.skipped_lines == 1
     assert read_from(segment, end)[0] == []  # the torn line is never half-read
     writer.close()
+
+
+def test_new_records_are_version_2_with_an_inclusion_probability():
+    audited = record(1, inclusion_probability=0.02, reason="audit")
+    assert audited.schema_version == SCHEMA_VERSION == 2
+    assert audited.teacher_status == "answered" and audited.evaluable
+    with pytest.raises(ValidationError, match="need inclusion_probability"):
+        EscalationRecord.model_validate(record(2).model_dump() | {"inclusion_probability": None})
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValidationError, match="inclusion_probability"):
+            record(3, inclusion_probability=bad)
+
+
+def test_version_1_lines_are_still_read_but_never_evaluate(tmp_path):
+    path = tmp_path / "escalations-0000000000001-old-1-000001.jsonl"
+    path.write_text(version1_line(1) + record(2).model_dump_json() + "\n")
+    stats = ReadStats()
+    old, new = iter_records(tmp_path, stats)
+    assert stats.skipped_lines == 0 and stats.records == 2
+    assert old.schema_version == 1 and old.record_id == "req1:0"
+    assert old.inclusion_probability is None and not old.evaluable
+    assert old.teacher_status == "answered"  # a version-1 record always had the teacher's
+    assert old.teacher_probs == [0.1, 0.8, 0.1] and old.teacher_label == "b"
+    assert new.schema_version == 2 and new.evaluable
+
+
+def test_skipped_teacher_record_round_trips_without_teacher_fields(tmp_path):
+    skipped = EscalationRecord(
+        record_id="0" * 32,
+        request_id="client-id",
+        timestamp=1_700_000_000.0,
+        text="audited while the teacher was not asked",
+        reason="audit",
+        inclusion_probability=0.02,
+        labels=["a", "b", "c"],
+        student_version="s1",
+        student_probs=[0.9, 0.05, 0.05],
+        scorer="max_prob",
+        confidence=0.9,
+        threshold=0.6,
+        teacher_status="skipped",
+    )
+    writer = EscalationLogWriter(tmp_path)
+    writer.append([skipped])
+    writer.close()
+    (back,) = iter_records(tmp_path)
+    assert back == skipped
+    assert back.teacher_status == "skipped" and back.evaluable
+    assert back.teacher_version is back.teacher_probs is back.teacher_label is None
+
+
+@pytest.mark.parametrize(
+    ("status", "teacher"),
+    [
+        ("answered", {}),  # said answered, but no distribution
+        ("failed", {"teacher_version": "t1", "teacher_probs": [0.1, 0.8, 0.1]}),
+        ("skipped", {"teacher_probs": [0.1, 0.8, 0.1]}),
+    ],
+)
+def test_teacher_status_must_match_the_teacher_fields(status, teacher):
+    fields = record(1).model_dump()
+    fields |= {"teacher_version": None, "teacher_probs": None, "teacher_label": None}
+    with pytest.raises(ValidationError, match=f"teacher_status '{status}'"):
+        EscalationRecord.model_validate(fields | {"teacher_status": status} | teacher)
+
+
+def test_inconsistent_teacher_line_is_skipped_on_read(tmp_path):
+    path = tmp_path / "escalations-0000000000001-x-1-000001.jsonl"
+    bad = json.loads(record(2).model_dump_json()) | {"teacher_probs": None}
+    path.write_text(record(1).model_dump_json() + "\n" + json.dumps(bad) + "\n")
+    stats = ReadStats()
+    assert [r.record_id for r in iter_records(tmp_path, stats)] == ["rec1"]
+    assert stats.skipped_lines == 1 and "invalid record" in stats.skipped_reasons[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,6 +117,25 @@ def write_splits(splits: dict[str, list[Example]], folder: Path) -> None:
         "counts": {name: len(examples) for name, examples in splits.items()},
     }
     (folder / "split.json").write_text(json.dumps(summary, indent=1))
+
+
+def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
+    return examples if len(examples) <= n else random.Random(seed).sample(examples, n)
+
+
+def calibration_traffic(data: Path, size: int) -> list[Example]:
+    """The task's traffic sample: train headlines (the seed student never saw them) topped
+    up with sentences of seed and train articles; never holdout or stream articles."""
+    headlines = read_split(data, "train")[: size // 3]
+    sentences = read_split(data, "seed_sentences") + read_split(data, "train_sentences")
+    return headlines + sample(sentences, size - len(headlines), seed=2)
+
+
+def holdout_traffic(data: Path, sentences: int) -> list[Example]:
+    """The fixed BBC holdout: gold headlines and a sample of holdout-article sentences."""
+    return read_split(data, "holdout") + sample(
+        read_split(data, "holdout_sentences"), sentences, seed=4
+    )
 
 
 def read_split(folder: Path, name: str) -> list[Example]:

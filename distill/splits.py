@@ -1,0 +1,37 @@
+"""Which logged texts train and which evaluate: a stable hash of the normalised text.
+
+A text's role never changes between runs or machines, and a retried or repeated text
+always lands on the same side, so nothing the gate judges was ever trained on. The
+evaluation share is cut in two: one half calibrates each version's threshold, the other
+judges it (calibrating and judging on the same records would flatter the candidate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from typing import Literal
+
+Role = Literal["train", "calibration", "gate"]
+
+
+def normalise(text: str) -> str:
+    """Unicode-compatible, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def bucket(text: str) -> float:
+    """A number in [0, 1) fixed by the normalised text."""
+    digest = hashlib.sha256(normalise(text).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def role_of(text: str, eval_share: float) -> Role:
+    """``train`` for 1 - eval_share of texts; the rest split evenly between
+    ``calibration`` and ``gate``."""
+    if not 0.0 <= eval_share < 1.0:
+        raise ValueError(f"eval_share must lie in [0, 1), got {eval_share}")
+    b = bucket(text)
+    if b >= eval_share:
+        return "train"
+    return "calibration" if b < eval_share / 2 else "gate"

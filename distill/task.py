@@ -1,0 +1,110 @@
+"""A task definition: the teacher, the seed student and a sample of the user's traffic.
+
+    name: support-tickets
+    teacher: models/ticket-teacher       # any HF sequence-classification folder
+    student: models/ticket-student       # the seed student, same labels in the same order
+    traffic: data/traffic.jsonl          # unlabeled, a `text` column (JSONL, CSV or Parquet)
+    gold: data/gold.csv                  # optional: `text`, `label`
+
+Labels come from the teacher's ``id2label``. Relative paths are read from the task file's
+folder (``workdir``, when not given, is ``var/tasks/<name>`` under the current folder). Everything else has a default (``serving.defaults``). ``protege init TASK.yaml``
+checks the pair, calibrates the seed student on the traffic sample and writes what
+serving and distillation need into ``workdir``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from serving import defaults
+from serving.scoring import SCORERS
+
+
+class TaskError(ValueError):
+    """A task that cannot run; the one-line message names the file or field and the fix."""
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Task name")
+    teacher: Path = Field(description="Teacher folder: a HF sequence classifier (safetensors)")
+    student: Path = Field(description="Seed student folder, the teacher's labels in order")
+    traffic: Path = Field(description="Unlabeled sample of the traffic (JSONL, CSV, Parquet)")
+    gold: Path | None = Field(default=None, description="Optional gold labels (text, label)")
+    replay_examples: Path | None = Field(
+        default=None, description="Optional labelled examples replayed by every distillation run"
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    workdir: Path | None = Field(default=None, description="Default: var/tasks/<name>")
+    registry: Path | None = Field(default=None, description="Default: <workdir>/registry")
+    log_dir: Path | None = Field(default=None, description="Default: <workdir>/escalations")
+    scorer: str = Field(default=defaults.SCORER, description=f"One of {sorted(SCORERS)}")
+    target_agreement: float = Field(default=defaults.TARGET_AGREEMENT, gt=0, le=1)
+    audit_fraction: float = Field(default=defaults.AUDIT_FRACTION, ge=0, le=1)
+    max_tokens: PositiveInt = defaults.MAX_TOKENS
+    traffic_limit: PositiveInt = Field(
+        default=5000, description="Score at most this many traffic texts (a seeded sample)"
+    )
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, name: str) -> str:
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
+        return name
+
+    @property
+    def work(self) -> Path:
+        return self.workdir or Path("var/tasks") / self.name
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.registry or self.work / "registry"
+
+    @property
+    def escalations_dir(self) -> Path:
+        return self.log_dir or self.work / "escalations"
+
+
+def load_task(path: Path) -> TaskSpec:
+    """Read and validate a task file; relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"{path}: task file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise TaskError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path}: expected a mapping of fields (name, teacher, student, traffic)")
+    try:
+        spec = TaskSpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(file)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise TaskError(f"{path}: field {field!r}: {first['msg']}{more}") from None
+    return _resolve(spec, path.parent)
+
+
+def _resolve(spec: TaskSpec, base: Path) -> TaskSpec:
+    fields = ["teacher", "student", "traffic", "gold", "replay_examples"]
+    fields += ["workdir", "registry", "log_dir"]
+    update = {}
+    for name in fields:
+        value = getattr(spec, name)
+        if value is not None and not Path(value).is_absolute():
+            update[name] = base / value
+    return spec.model_copy(update=update)

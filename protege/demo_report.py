@@ -1,0 +1,120 @@
+"""What the demo prints and draws: per round the live-traffic estimates (with intervals and
+the sampled records behind them) beside the fixed BBC holdout figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _ci(figure: dict[str, Any] | None) -> str:
+    if not figure:
+        return "-"
+    return f"{figure['value']:.1%} [{figure['low']:.1%}, {figure['high']:.1%}]"
+
+
+def serving_live(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The live estimates of the student serving after the round (candidate if promoted)."""
+    decision = row.get("decision") or {}
+    side = "candidate" if row["result"] == "promoted" else "current"
+    return decision.get(side)
+
+
+def print_round(row: dict[str, Any]) -> None:
+    lat = row["latency_ms"]
+    print(
+        f"round {row['round']}: served by {row['served_version']}: escalation "
+        f"{row['served_escalation_rate']:.1%} of {row['served_inputs']}, {row['throughput_rps']} "
+        f"req/s, p50/p99 student {lat['student']['p50']}/{lat['student']['p99']} ms, teacher "
+        f"{lat['teacher']['p50']}/{lat['teacher']['p99']} ms, {row['failed_requests']} failed"
+    )
+    print(f"  {row['result']}: {row['reason']}")
+    decision = row.get("decision") or {}
+    for side in ("current", "candidate"):
+        figures = decision.get(side)
+        if figures:
+            print(
+                f"  live {side:9} {figures['version']}: escalation {_ci(figures['escalation_rate'])}, "
+                f"cascade agreement {_ci(figures['cascade_agreement'])}"
+            )
+    if row.get("calibration"):
+        print(f"  thresholds calibrated on {row['calibration']['source']}")
+    hold = row["holdout"]
+    print(
+        f"  BBC holdout, serving {hold['version']}: escalation {hold['escalation_rate']:.1%}, "
+        f"cascade agreement {hold['cascade_agreement']:.1%}, cascade gold accuracy "
+        f"{hold['cascade_gold_accuracy']:.1%}, escalation needed {hold['escalation_needed']:.1%}"
+    )
+    live = serving_live(row)
+    if live:
+        esc = live["escalation_rate"]
+        inside = esc["low"] <= hold["escalation_rate"] <= esc["high"]
+        print(
+            f"  holdout escalation {'inside' if inside else 'outside'} the live interval "
+            f"({esc['sampled']} sampled of {esc['records']} gate records)"
+        )
+
+
+def print_summary(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    head = (
+        f"{'round':>5} | {'served esc.':>11} | {'live esc. [95% CI]':>24} | {'sampled':>7} | "
+        f"{'live agreement':>24} | {'holdout esc.':>12} | {'gold acc':>8} | result"
+    )
+    print("\n" + head + "\n" + "-" * len(head))
+    seed = summary["seed"]
+    print(
+        f"{0:>5} | {'':>11} | {'':>24} | {'':>7} | {'':>24} | {seed['escalation_rate']:>12.1%} | "
+        f"{seed['cascade_gold_accuracy']:>8.1%} | seed student"
+    )
+    for row in rows:
+        live = serving_live(row) or {}
+        hold = row["holdout"]
+        sampled = live.get("escalation_rate", {}).get("sampled", "-")
+        print(
+            f"{row['round']:>5} | {row['served_escalation_rate']:>11.1%} | "
+            f"{_ci(live.get('escalation_rate')):>24} | {sampled!s:>7} | "
+            f"{_ci(live.get('cascade_agreement')):>24} | {hold['escalation_rate']:>12.1%} | "
+            f"{hold['cascade_gold_accuracy']:>8.1%} | {row['result']}"
+        )
+    final = summary["final"]
+    print(
+        f"\nescalation needed for a cascade within 1 point of the teacher's gold accuracy and at "
+        f">= 98 % agreement, on {summary['holdout_inputs']} held-out BBC inputs (95 % bootstrap):"
+    )
+    for name, fig in (("seed ", seed), ("final", final)):
+        low, high = fig["escalation_needed_95"]
+        print(f"  {name} {fig['version']}: {fig['escalation_needed']:.1%} [{low:.1%}, {high:.1%}]")
+    print(f"  final / seed = {summary['ratio_final_to_seed']:.2f}")
+    print(
+        f"gold holdout headlines: teacher {summary['teacher_gold_accuracy']:.1%}; student alone "
+        f"{seed['student_gold_accuracy']:.1%} -> {final['student_gold_accuracy']:.1%}"
+    )
+
+
+def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [0] + [r["round"] for r in rows]
+    holdout = [summary["seed"]["escalation_rate"]] + [r["holdout"]["escalation_rate"] for r in rows]
+    live = [np.nan] + [
+        (serving_live(r) or {}).get("escalation_rate", {}).get("value", np.nan) for r in rows
+    ]
+    served = [r["served_escalation_rate"] for r in rows]  # chunk r+1 is served by generation r
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(rounds, holdout, "o-", label="BBC holdout escalation rate (own threshold)")
+    ax.plot(rounds, live, "d-", label="live-traffic estimate (weighted log records)")
+    ax.plot(rounds[: len(served)], served, "s--", label="escalation while serving the next chunk")
+    ax.set_xlabel("student generation (0 = seed; n = after round n)")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("protege: the student learns what it used to escalate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
