@@ -88,6 +88,12 @@ class GateConfig(_Strict):
     confidence: float = Field(
         default=defaults.CONFIDENCE, gt=0.5, lt=1, description="One-sided confidence of the gate"
     )
+    min_drop: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="The escalation drop's one-sided lower bound must exceed this",
+    )
     agreement_margin: float = Field(
         default=0.01, ge=0, le=1, description="Cascade agreement the candidate may lose"
     )

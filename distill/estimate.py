@@ -60,11 +60,12 @@ class Bootstrap:
         if n == 0:
             raise ValueError("no evaluation records")
         rng = np.random.default_rng(seed)
-        self.counts = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(float)
+        # draws x n resample counts (float32: 1000 draws of 25,000 records are 100 MB)
+        self.counts = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float32)
         self._denominators = self.counts @ self.weights
 
     def _draws(self, values: np.ndarray) -> np.ndarray:
-        return (self.counts @ (self.weights * values)) / self._denominators
+        return (self.counts @ (self.weights * values)).astype(float) / self._denominators
 
     def estimate(self, values: np.ndarray, level: float) -> Estimate:
         """The weighted mean of ``values`` (one per record) with a percentile interval."""

@@ -6,7 +6,9 @@ calibration split, kept apart from the records judged here). On the gate split's
 records, a paired bootstrap gives one-sided bounds at ``confidence``. The candidate is
 promoted only when
 
-- its drop in escalation rate is positive at that confidence (lower bound > 0), and
+- its drop in escalation rate exceeds ``min_drop`` at that confidence (lower bound above
+  it: a barely changed copy, whose few extra escalations are seen only through the audit
+  sample, must not pass on a degenerate interval), and
 - the cascade's agreement with the teacher (and its gold accuracy, when the task has a gold
   file) is not worse by more than the non-inferiority margin at that confidence.
 
@@ -146,8 +148,10 @@ def decide(
     gold_change = None
     gold_figures: list[Estimate | None] = [None, None]
     if gold is not None and teacher_on_gold is not None:
-        assert current.gold_probs is not None and candidate.gold_probs is not None
-        gold_boot = Bootstrap(np.ones(len(gold)), np.ones(len(gold), bool), config.bootstrap_draws)
+        if current.gold_probs is None or candidate.gold_probs is None:
+            raise ValueError("gold labels given but a student has no gold probabilities")
+        ones = np.ones(len(gold))
+        gold_boot = Bootstrap(ones, ones.astype(bool), config.bootstrap_draws, config.seed)
         right = [
             cascade_outcome(probs, teacher_on_gold, scorer, j.threshold).answer == gold
             for j, probs in ((current, current.gold_probs), (candidate, candidate.gold_probs))
@@ -169,10 +173,10 @@ def decide(
         )
 
     failures = []
-    if drop.low <= 0:
+    if drop.low <= config.min_drop:
         failures.append(
-            f"the escalation drop {drop.value:+.1%} is not above 0 at {level:.0%} confidence "
-            f"(lower bound {drop.low:+.1%})"
+            f"the escalation drop {drop.value:+.1%} is not above {config.min_drop:.1%} at "
+            f"{level:.0%} confidence (lower bound {drop.low:+.1%})"
         )
     if agreement.low < -config.agreement_margin:
         failures.append(

@@ -200,9 +200,20 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+QUIET = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    # transformers' per-load reports (heads that are meant to be new) and load bars are
+    # noise on a terminal; protege prints its own progress and tables
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    for name, value in QUIET.items():
+        os.environ.setdefault(name, value)
     args = parser().parse_args(argv)
     return int(registry_cli.guarded(args.func)(args))
 

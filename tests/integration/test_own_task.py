@@ -61,7 +61,7 @@ def test_init_serve_distil_gate_and_swap_on_a_three_label_task(serve_cluster, tm
     client.wait_ready(120)
     assert client.models().student.labels == LABELS
 
-    before = served_escalation(url, [t for t, _ in tickets(1600, seed=7)])
+    before = served_escalation(url, [t for t, _ in tickets(2000, seed=7)])
     records = list(iter_records(work / "escalations"))
     audits = [r for r in records if r.reason == "audit"]
     assert audits and {r.inclusion_probability for r in audits} == {0.5}
@@ -73,8 +73,8 @@ def test_init_serve_distil_gate_and_swap_on_a_three_label_task(serve_cluster, tm
             **yaml.safe_load((work / "distill.yaml").read_text()),
             "device": "cpu",
             "train": {"epochs": 4, "lr_encoder": 2e-3, "lr_head": 2e-3, "batch_size": 16},
-            "eval": {"share": 0.5, "min_calibration_sampled": 30},
-            "gate": {"target_agreement": 0.95, "min_sampled": 30},
+            "eval": {"share": 0.5, "min_calibration_sampled": 20},
+            "gate": {"target_agreement": 0.95, "min_sampled": 20},
         }
     )
     report = run(config)

@@ -104,3 +104,66 @@ def test_thresholds_reject_bad_targets():
         threshold_for_rate([], 0.5)
     with pytest.raises(ValueError, match="equal length"):
         threshold_for_agreement([0.1, 0.2], [True], 0.9)
+
+
+def test_escalate_nan_confidence():
+    confidence = np.array([np.nan, 0.2, 0.9, np.nan])
+    assert should_escalate(confidence, 0.5).tolist() == [True, True, False, True]
+    assert should_escalate(confidence, 0.0).tolist() == [True, False, False, True]
+
+
+def tied_calibration(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Confidences on a coarse grid (many ties) and agreement rising with confidence."""
+    rng = np.random.default_rng(seed)
+    confidences = np.round(rng.uniform(size=n), 2)
+    agrees = rng.uniform(size=n) < confidences
+    return confidences, agrees
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_unit_weights_give_the_unweighted_thresholds(seed):
+    confidences, agrees = tied_calibration(seed)
+    ones = np.ones(confidences.size)
+    for rate in (0.0, 0.05, 0.13, 0.5, 0.77, 1.0):
+        assert threshold_for_rate(confidences, rate, ones) == threshold_for_rate(confidences, rate)
+    for target in (0.0, 0.6, 0.8, 0.9, 0.95, 0.99, 1.0):
+        assert threshold_for_agreement(confidences, agrees, target, ones) == (
+            threshold_for_agreement(confidences, agrees, target)
+        )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_an_integer_weight_counts_as_that_many_copies(seed):
+    confidences, agrees = tied_calibration(seed, n=150)
+    weights = np.random.default_rng(100 + seed).integers(1, 6, size=confidences.size)
+    copies, copied_agrees = np.repeat(confidences, weights), np.repeat(agrees, weights)
+    for rate in (0.0, 0.05, 0.13, 0.5, 0.77, 1.0):
+        assert threshold_for_rate(confidences, rate, weights) == threshold_for_rate(copies, rate)
+    for target in (0.0, 0.6, 0.8, 0.9, 0.95, 0.99, 1.0):
+        assert threshold_for_agreement(confidences, agrees, target, weights) == (
+            threshold_for_agreement(copies, copied_agrees, target)
+        )
+
+
+def test_weights_move_the_threshold():
+    """A heavy confident input (a sampled one standing for 1/f inputs) counts for more."""
+    confidences = [0.1, 0.2, 0.3, 0.9]
+    assert threshold_for_rate(confidences, 0.5) == 0.3  # two of four escalate
+    assert threshold_for_rate(confidences, 0.5, [1, 1, 1, 10]) == 0.9  # 3 of 13 escalate
+    agrees = [True, True, True, False]
+    assert threshold_for_agreement(confidences, agrees, 0.75) == 0.1
+    # the disagreeing input weighs 10 of 13: only escalating everything reaches 75 %
+    assert threshold_for_agreement(confidences, agrees, 0.75, [1, 1, 1, 10]) > 0.9
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [[1.0, 0.0, 1.0], [1.0, -2.0, 1.0], [1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, np.nan, 1.0]],
+    ids=["zero", "negative", "too-short", "too-long", "nan"],
+)
+def test_invalid_weights_raise(weights):
+    confidences, agrees = [0.2, 0.5, 0.8], [True, False, True]
+    with pytest.raises(ValueError, match="weights"):
+        threshold_for_rate(confidences, 0.3, weights)
+    with pytest.raises(ValueError, match="weights"):
+        threshold_for_agreement(confidences, agrees, 0.9, weights)
