@@ -81,11 +81,24 @@ def collect(
         Gauge(
             "protege_distill_final_loss", "Mean training loss of the last epoch", registry=registry
         ).set(float(losses[-1]))
+    drop = report.get("decision", {}).get("escalation_drop")
+    if drop:
+        gate = Gauge(
+            "protege_distill_gate",
+            "The last gate's escalation drop (estimate and one-sided lower bound) and the "
+            "sampled confident records it rested on",
+            ["figure"],
+            registry=registry,
+        )
+        gate.labels(figure="escalation_drop").set(float(drop["value"]))
+        gate.labels(figure="escalation_drop_lower_bound").set(float(drop["low"]))
+        gate.labels(figure="sampled_records").set(float(drop["sampled"]))
+        gate.labels(figure="records").set(float(drop["records"]))
     evals = report.get("eval", {})
     if evals:
         figures = Gauge(
             "protege_distill_eval",
-            "Holdout figures of the last run (ratios)",
+            "Live-traffic estimates of the last run, current and candidate (ratios)",
             ["model", "figure"],
             registry=registry,
         )

@@ -78,11 +78,19 @@ class RegistryFollower(threading.Thread):
         self.config, self.registry, self.every_s = config, Registry(registry), every_s
         self.applied = self.registry.current()
         self.stopped = threading.Event()
+        self.failures = 0
 
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
-            current = self.registry.current()
-            if current and current != self.applied:
-                print(f"registry current -> {current}: hot-swapping the student", flush=True)
-                local_ray.deploy_config(with_student(self.config, current), Path.cwd())
-                self.applied = current
+            try:
+                self.follow_once()
+            except Exception as exc:  # a failed apply never ends the following: retried
+                self.failures += 1
+                print(f"registry follower: apply failed, retrying: {exc}", flush=True)
+
+    def follow_once(self) -> None:
+        current = self.registry.current()
+        if current and current != self.applied:
+            print(f"registry current -> {current}: hot-swapping the student", flush=True)
+            local_ray.deploy_config(with_student(self.config, current), Path.cwd())
+            self.applied = current

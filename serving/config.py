@@ -120,6 +120,10 @@ class GatewayConfig(_Strict):
     teacher_timeout_s: PositiveFloat = Field(
         default=10.0, description="After this, answer with the student and degraded=true"
     )
+    teacher_unready_after_s: NonNegativeFloat = Field(
+        default=30.0,
+        description="/readyz answers 503 once every teacher call has failed for this long",
+    )
     registry: Path | None = Field(
         default=None,
         description="Model registry folder: its current version is served, and user_config "
@@ -139,7 +143,11 @@ class GatewayConfig(_Strict):
 class SwapRequest(_Strict):
     """The Gateway deployment's ``user_config``: changing it swaps the student in place."""
 
-    student_version: str | None = Field(default=None, description="A version in the registry")
+    student_version: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="A version in the registry (pins it; without it the version serving stays)",
+    )
     threshold: float | None = Field(
         default=None, ge=0, le=1, description="Override the version's calibrated threshold"
     )

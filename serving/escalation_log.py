@@ -138,11 +138,23 @@ class EscalationLogWriter:
             self.bytes_written += len(payload)
 
     def sync(self) -> None:
-        """fsync the open segment if anything was written since the last sync."""
+        """fsync the open segment if anything was written since the last sync.
+
+        The fsync runs on a duplicate of the file descriptor, outside the append lock, so a
+        slow disk never holds up an append (and so a request)."""
         with self._lock:
-            if self._dirty and not self._file.closed:
-                os.fsync(self._file.fileno())
-                self._dirty = False
+            if not self._dirty or self._file.closed:
+                return
+            fd = os.dup(self._file.fileno())
+            self._dirty = False
+        try:
+            os.fsync(fd)
+        except OSError:
+            with self._lock:
+                self._dirty = True  # try again next interval
+            raise
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Flush, fsync and close; idempotent."""
@@ -158,7 +170,9 @@ class EscalationLogWriter:
     def _open_segment(self) -> BinaryIO:
         self._sequence += 1
         path = self.directory / f"{self._prefix}-{self._sequence:06d}.jsonl"
-        return open(path, "ab")  # owned by the writer until close()
+        handle = open(path, "ab")  # noqa: SIM115 - owned by the writer until close()
+        _fsync_directory(self.directory)  # the new name survives a machine crash
+        return handle
 
     def _rotate(self) -> None:
         self._file.flush()
@@ -171,6 +185,14 @@ class EscalationLogWriter:
         while not self._closed.wait(interval):
             with contextlib.suppress(OSError, ValueError):  # closed during shutdown
                 self.sync()
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass

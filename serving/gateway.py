@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Header, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -26,7 +27,7 @@ from serving.cascade import Decision, decide, make_output, make_record
 from serving.config import GatewayConfig, SwapRequest
 from serving.errors import InputError, install_error_handlers
 from serving.escalation_log import EscalationLogWriter, EscalationRecord, Reason, TeacherStatus
-from serving.hot_swap import ActiveStudent, StudentSlot, import_loader
+from serving.hot_swap import ActiveStudent, StudentSlot, import_loader, without_paths
 from serving.metrics import GatewayMetrics
 from serving.registry import Registry
 from serving.schemas import (
@@ -39,6 +40,7 @@ from serving.schemas import (
 )
 
 logger = logging.getLogger("ray.serve")
+LOG_RETRY_S = 5.0  # how often an unusable log folder is tried again
 
 api = FastAPI(
     title="protege",
@@ -92,15 +94,13 @@ class Gateway:
         self.labels = initial.model.labels
         self._student_batch.set_max_batch_size(config.batching.max_batch_size)  # type: ignore[attr-defined]
         self._student_batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        replica = serve.get_replica_context().replica_tag
-        self.log = EscalationLogWriter(
-            config.log.dir,
-            writer_id=replica,
-            max_segment_bytes=config.log.max_segment_bytes,
-            fsync_interval_s=config.log.fsync_interval_s,
-        )
+        self._replica = serve.get_replica_context().replica_tag
+        self.log: EscalationLogWriter | None = None
+        self._log_retry_at = 0.0
+        self._open_log()  # an unwritable folder is counted and retried, never fatal
         self._background: set[asyncio.Task[None]] = set()
         self._teacher_info: dict[str, Any] | None = None
+        self._teacher_failing_since: float | None = None  # monotonic time of the first failure
         self._serving: tuple[str, str] | None = None
         self._publish_serving()
         logger.info("student %s ready (%s)", initial.version, initial.rule.description)
@@ -125,21 +125,25 @@ class Gateway:
         )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve's in-place update: start a background swap to ``student_version``."""
+        """Serve's in-place update: swap to ``student_version`` in the background, or, with
+        only ``threshold`` (or nothing), re-apply the serving version's threshold rule."""
         try:
             swap = SwapRequest.model_validate(user_config)
+            version = swap.student_version or self.slot.active.version
             if swap.student_version is None:
-                return
-            if self.registry is None:
+                folder = self.slot.active.model.folder
+            elif self.registry is None:
                 raise ValueError("student_version in user_config needs `registry` in the config")
-            folder = self.registry.path(swap.student_version)
+            else:
+                folder = self.registry.path(swap.student_version)
         except Exception as exc:  # a bad update never takes the replica down
             self.slot.stats.failures += 1
-            self.slot.stats.last_error = f"user_config {user_config}: {exc}"
+            reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            self.slot.stats.last_error = without_paths(f"user_config refused: {reason}")
             self.metrics.inc("protege_hot_swaps", result="failure")
             logger.error("hot swap refused: %s", exc)
             return
-        self.slot.request(swap.student_version, folder, swap.threshold)
+        self.slot.request(version, folder, swap.threshold)
 
     # --- HTTP -----------------------------------------------------------------------------
 
@@ -149,11 +153,21 @@ class Gateway:
 
     @api.get("/readyz")
     async def readyz(self, response: Response) -> dict[str, Any]:
+        """Ready when the teacher is up and has not been failing for longer than
+        ``teacher_unready_after_s`` (a failing teacher is probed again here, so readiness
+        comes back as soon as it answers)."""
         try:
             teacher = await self._teacher_details()
+            failing = await self._teacher_failing_for()
         except Exception as exc:  # the teacher is not up (yet): not ready, but alive
             response.status_code = 503
             return {"status": "not ready", "reason": f"teacher unavailable: {exc!r:.200}"}
+        if failing is not None and failing >= self.config.teacher_unready_after_s:
+            response.status_code = 503
+            return {
+                "status": "not ready",
+                "reason": f"teacher failing for {failing:.0f} s (answers are degraded)",
+            }
         return {
             "status": "ready",
             "student": self.slot.active.version,
@@ -168,11 +182,10 @@ class Gateway:
         return ModelsResponse(
             student=ModelInfo(
                 version=student.version,
-                path=str(student.model.folder),
                 labels=student.model.labels,
                 max_tokens=student.model.max_tokens,
             ),
-            teacher=ModelInfo(**teacher),
+            teacher=ModelInfo(**{k: v for k, v in teacher.items() if k != "path"}),
             scorer=self.config.cascade.scorer,
             threshold=student.rule.value,
             threshold_rule=student.rule.description,
@@ -181,6 +194,7 @@ class Gateway:
                 loading=stats.loading,
                 swaps=stats.swaps,
                 failures=stats.failures,
+                superseded=stats.superseded,
                 last_error=stats.last_error,
                 last_swap_seconds=stats.last_swap_seconds,
             ),
@@ -253,16 +267,17 @@ class Gateway:
             else self._student_output(batch, decision, i, degraded)
             for i in range(len(texts))
         ]
+        records = []
         if escalated:  # logged even when the teacher failed: the job labels those offline
             assert decision.reason is not None  # set whenever anything escalates
             reason = decision.reason
-            self._write(
-                [
-                    self._record(batch, decision, i, by_teacher.get(i), reason, 1.0, status)
-                    for i in escalated
-                ]
-            )
-        self._maybe_audit(batch, decision)
+            records = [
+                self._record(batch, decision, i, by_teacher.get(i), reason, 1.0, status)
+                for i in escalated
+            ]
+        records += self._maybe_audit(batch, decision)
+        if records:  # flushed to the kernel before the response leaves
+            await self._write(records)
         return outputs
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
@@ -290,6 +305,7 @@ class Gateway:
             self.metrics.observe(
                 "protege_stage_latency_seconds", time.perf_counter() - began, stage="teacher"
             )
+            self._teacher_failing_since = None
             return answers, "answered"
         except Exception as exc:  # timeout, dead replica, model error: the student answers
             kind: TeacherStatus = (
@@ -298,6 +314,8 @@ class Gateway:
             self.metrics.inc("protege_teacher_failures", kind="error" if kind == "failed" else kind)
             for call in calls:
                 call.cancel()
+            if self._teacher_failing_since is None:
+                self._teacher_failing_since = time.monotonic()
             logger.warning("teacher failed for %d inputs: %r", len(texts), exc)
             return None, kind
 
@@ -354,27 +372,27 @@ class Gateway:
 
     # --- audit and log --------------------------------------------------------------------
 
-    def _maybe_audit(self, batch: StudentAnswers, decision: Decision) -> None:
+    def _maybe_audit(self, batch: StudentAnswers, decision: Decision) -> list[EscalationRecord]:
         """Log a uniform sample of the confident inputs, each with probability
-        ``audit_fraction``: with the student's answer only (the job asks the teacher
-        offline, in batch), or with the teacher's, asked off the response path."""
+        ``audit_fraction``: with the student's answer only (returned, for the job to ask the
+        teacher offline, in batch), or with the teacher's, asked off the response path."""
         cascade = self.config.cascade
         if cascade.audit_fraction <= 0:
-            return
+            return []
         chosen = [
             int(i)
             for i in np.flatnonzero(~decision.escalate)
             if random.random() < cascade.audit_fraction
         ]
         if not chosen:
-            return
+            return []
         self.metrics.inc("protege_escalations", len(chosen), reason="audit")
         if cascade.audit_teacher == "offline":
-            self._write([self._audit_record(batch, decision, i, None, "skipped") for i in chosen])
-            return
+            return [self._audit_record(batch, decision, i, None, "skipped") for i in chosen]
         task = asyncio.create_task(self._audit(batch, decision, chosen))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return []
 
     async def _audit(self, batch: StudentAnswers, decision: Decision, chosen: list[int]) -> None:
         answers, status = await self._ask_teacher([batch.texts[i] for i in chosen])
@@ -382,7 +400,7 @@ class Gateway:
         for i, answer in by_index.items():
             agree = int(np.argmax(answer["probs"])) == int(np.argmax(batch.probs[i]))
             self.metrics.inc("protege_audits", agreement="agree" if agree else "disagree")
-        self._write(
+        await self._write(
             [self._audit_record(batch, decision, i, by_index.get(i), status) for i in chosen]
         )
 
@@ -397,16 +415,38 @@ class Gateway:
         fraction = self.config.cascade.audit_fraction
         return self._record(batch, decision, i, answer, "audit", fraction, status)
 
-    def _write(self, records: list[EscalationRecord]) -> None:
-        before = (self.log.bytes_written, self.log.rotations)
+    def _open_log(self) -> None:
+        log = self.config.log
         try:
-            self.log.append(records)
+            self.log = EscalationLogWriter(
+                log.dir,
+                writer_id=self._replica,
+                max_segment_bytes=log.max_segment_bytes,
+                fsync_interval_s=log.fsync_interval_s,
+            )
+        except OSError as exc:
+            self._log_retry_at = time.monotonic() + LOG_RETRY_S
+            self.metrics.inc("protege_log_write_errors")
+            logger.error("escalation log folder unusable, serving on without it: %s", exc)
+
+    async def _write(self, records: list[EscalationRecord]) -> None:
+        """Append off the event loop (a slow disk must not stall other requests); a failed
+        write is counted and alerted, and serving goes on."""
+        if self.log is None and time.monotonic() >= self._log_retry_at:
+            self._open_log()
+        log = self.log
+        if log is None:
+            self.metrics.inc("protege_log_write_errors")
+            return
+        before = (log.bytes_written, log.rotations)
+        try:
+            await asyncio.to_thread(log.append, records)
         except (OSError, RuntimeError):
             self.metrics.inc("protege_log_write_errors")
             logger.exception("escalation log write failed for %d records", len(records))
             return
         self.metrics.log_written(
-            len(records), self.log.bytes_written - before[0], self.log.rotations - before[1]
+            len(records), log.bytes_written - before[0], log.rotations - before[1]
         )
 
     # --- helpers --------------------------------------------------------------------------
@@ -428,6 +468,16 @@ class Gateway:
                     f"inputs.{i}",
                     f"{len(text)} characters, more than the maximum of {limits.max_chars}",
                 )
+
+    async def _teacher_failing_for(self) -> float | None:
+        """Seconds the teacher has failed every call, after one probe; None when it works."""
+        if self._teacher_failing_since is None:
+            return None
+        answers, _ = await self._ask_teacher(["readiness probe"])
+        if answers is not None:
+            return None
+        since = self._teacher_failing_since
+        return None if since is None else time.monotonic() - since
 
     async def _teacher_details(self) -> dict[str, Any]:
         if self._teacher_info is None:

@@ -5,15 +5,21 @@ and blocks that replica while it runs. So a swap only *starts* there: the new ve
 loads, is validated (labels, output shape, a warm-up batch) and is calibrated in a
 background thread; then one reference is replaced. Requests read the reference once per
 batch, so in-flight work finishes on the old model. A version that fails to load or
-validate is rejected and logged; the old one keeps serving. Asking again for the version
-already serving (or already loading) does nothing, since Serve may call ``reconfigure()``
-twice on a new replica.
+validate is rejected and logged; the old one keeps serving.
+
+The latest request wins: every request takes a new generation number, and a load installs
+its version only if no later request came in while it loaded (a slow load of A finishing
+after a fast load of B is discarded, so a promote quickly followed by a rollback ends on
+the rollback). A request for the version already serving changes its threshold in place,
+with no load. Asking again for exactly what is loading does nothing, since Serve may call
+``reconfigure()`` twice on a new replica.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +49,7 @@ class ActiveStudent:
 class SwapStats:
     swaps: int = 0
     failures: int = 0
+    superseded: int = 0  # loads discarded because a later request came in
     last_error: str | None = None
     last_swap_seconds: float | None = None
     loading: str | None = None
@@ -85,6 +92,14 @@ def load_student(
     return ActiveStudent(model, resolve_threshold(cascade, model.manifest))
 
 
+_PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\",:]+")
+
+
+def without_paths(text: str, limit: int = 300) -> str:
+    """An error for /v1/models: file-system paths replaced, length bounded."""
+    return _PATH.sub("<path>", text)[:limit]
+
+
 class StudentSlot:
     def __init__(
         self,
@@ -101,51 +116,74 @@ class StudentSlot:
         self.stats = SwapStats(history=[initial.version])
         self._cascade, self._device, self._max_tokens = cascade, device, max_tokens
         self._lock = threading.Lock()
+        self._generation = 0
+        self._wanted: tuple[str, float | None] = (initial.version, None)
 
     def request(self, version: str, folder: Path, threshold: float | None = None) -> bool:
-        """Start loading ``version`` in the background; False if nothing needs doing."""
+        """Make ``version`` (with an optional threshold override) the one that serves:
+        in place for the serving version, else loaded in the background. False if this is
+        exactly what is already serving or loading."""
+        cascade = self._cascade_for(threshold)
         with self._lock:
-            if version in (self.active.version, self.stats.loading):
+            if (version, threshold) == self._wanted and (
+                self.stats.loading == version or self.active.version == version
+            ):
                 return False
+            self._generation += 1
+            generation, self._wanted = self._generation, (version, threshold)
+            if version == self.active.version:  # a threshold change, or back to this one
+                self.stats.loading = None
+                self.active = ActiveStudent(
+                    self.active.model, resolve_threshold(cascade, self.active.model.manifest)
+                )
+                logger.info("student %s now at %s", version, self.active.rule.description)
+                self._on_result("success", 0.0)
+                return True
             self.stats.loading = version
-        cascade = (
-            self._cascade
-            if threshold is None
-            else self._cascade.model_copy(
-                update={
-                    "threshold": threshold,
-                    "target_escalation_rate": None,
-                    "target_agreement": None,
-                }
-            )
-        )
         thread = threading.Thread(
-            target=self._load, args=(version, folder, cascade), daemon=True, name=f"swap-{version}"
+            target=self._load,
+            args=(version, folder, cascade, generation),
+            daemon=True,
+            name=f"swap-{version}",
         )
         thread.start()
         return True
 
-    def _load(self, version: str, folder: Path, cascade: CascadeConfig) -> None:
+    def _cascade_for(self, threshold: float | None) -> CascadeConfig:
+        if threshold is None:
+            return self._cascade
+        return self._cascade.model_copy(
+            update={
+                "threshold": threshold,
+                "target_escalation_rate": None,
+                "target_agreement": None,
+            }
+        )
+
+    def _load(self, version: str, folder: Path, cascade: CascadeConfig, generation: int) -> None:
         began = time.perf_counter()
         try:
             candidate = self._loader(
                 folder, cascade, self._device, self._max_tokens, self.active.model.labels
             )
             if candidate.version != version:
-                raise ValueError(
-                    f"folder {folder} holds version {candidate.version}, not {version}"
-                )
+                raise ValueError(f"its folder holds version {candidate.version}, not {version}")
         except Exception as exc:  # any failure: keep serving the old version
             with self._lock:
                 self.stats.failures += 1
-                self.stats.last_error = f"{version}: {exc}"
-                self.stats.loading = None
+                self.stats.last_error = without_paths(f"{version}: {exc}")
+                if generation == self._generation:
+                    self.stats.loading = None
             logger.error(
                 "hot swap to %s rejected, still serving %s: %s", version, self.active.version, exc
             )
             self._on_result("failure", time.perf_counter() - began)
             return
         with self._lock:
+            if generation != self._generation:  # a later request won: never install this
+                self.stats.superseded += 1
+                logger.info("load of %s finished after a later request: discarded", version)
+                return
             previous = self.active.version
             self.active = candidate  # the swap: one reference
             self.stats.swaps += 1

@@ -13,6 +13,7 @@ Two ingress modes:
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -83,12 +84,16 @@ def start(
         num_cpus=num_cpus,
         _metrics_export_port=metrics_port,
         log_to_driver=False,
+        # the driver prints errors only: Ray's start-up notes (token auth on, instance
+        # started) are noise on a terminal; the replicas' own logs stay in Ray's session
+        logging_level=logging.ERROR,
         runtime_env={"env_vars": {k: os.environ[k] for k in env}},
     )
     serve.start(
         http_options={"host": LOOPBACK, "port": http_port},
         logging_config={"enable_access_log": False},
     )
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
 def check_metrics_port(port: int | None) -> None:

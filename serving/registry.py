@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -25,9 +26,26 @@ from typing import Any
 
 from serving.manifest import ModelManifest, read_manifest
 
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""A version id becomes a folder name: letters, digits, '.', '_', '-'; no path separator."""
+
 
 class RegistryError(ValueError):
     """A registry operation that cannot be done; the message says why."""
+
+
+def check_version(version: str) -> str:
+    """``version`` if it is a safe folder name, else a RegistryError saying what is wrong."""
+    if (
+        not isinstance(version, str)
+        or not re.fullmatch(VERSION_PATTERN, version)
+        or ".." in version
+    ):
+        raise RegistryError(
+            f"version id {version!r} is not valid: use letters, digits, '.', '_' and '-' "
+            "(at most 128, no '..')"
+        )
+    return version
 
 
 class Registry:
@@ -47,7 +65,7 @@ class Registry:
         return sorted((m for m in found if m is not None), key=lambda m: m.created_at)
 
     def path(self, version: str) -> Path:
-        folder = self.versions_dir / version
+        folder = self.versions_dir / check_version(version)
         if not (folder / "protege.json").exists():
             known = ", ".join(m.version for m in self.versions()) or "none"
             raise RegistryError(f"version {version!r} is not in {self.root} (known: {known})")
@@ -73,7 +91,7 @@ class Registry:
         manifest = read_manifest(staged)
         if manifest is None:
             raise RegistryError(f"{staged} has no protege.json manifest: not a publishable version")
-        target = self.versions_dir / manifest.version
+        target = self.versions_dir / check_version(manifest.version)
         if target.exists():
             raise RegistryError(
                 f"version {manifest.version} already exists; versions are immutable"
@@ -107,7 +125,7 @@ class Registry:
         manifest = read_manifest(folder)
         if manifest is None:
             raise RegistryError(f"{folder} has no protege.json manifest")
-        if (self.versions_dir / manifest.version).exists():
+        if (self.versions_dir / check_version(manifest.version)).exists():
             return manifest.version
         staging = self.root / "staging" / f"{manifest.version}.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)

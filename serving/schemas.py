@@ -46,8 +46,9 @@ class ClassifyResponse(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """A served model; no file-system path is shown."""
+
     version: str
-    path: str
     labels: list[str]
     max_tokens: int
 
@@ -56,6 +57,7 @@ class SwapStatus(BaseModel):
     loading: str | None = Field(description="A version loading in the background, if any")
     swaps: int
     failures: int
+    superseded: int = Field(description="Loads discarded because a later request came in")
     last_error: str | None
     last_swap_seconds: float | None
 

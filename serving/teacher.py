@@ -33,7 +33,6 @@ class Teacher:
     def info(self) -> dict[str, Any]:
         return {
             "version": self.model.version,
-            "path": str(self.model.folder),
             "labels": self.model.labels,
             "max_tokens": self.model.max_tokens,
         }

@@ -2,6 +2,7 @@
 and every input chosen for escalation is still logged with its inclusion probability (its
 teacher fields empty, for the distillation job to label offline)."""
 
+import httpx
 import pytest
 from conftest import tiny_config, wait_for
 
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 def test_teacher_timeout_gives_degraded_student_answers(deploy, tiny_pair, tmp_path):
     # 1 ms is shorter than any teacher call: every escalation times out
-    config = tiny_config(tiny_pair, tmp_path, teacher_timeout_s=0.001)
+    config = tiny_config(tiny_pair, tmp_path, teacher_timeout_s=0.001, teacher_unready_after_s=1)
     config["cascade"] = {"threshold": 0.5, "audit_fraction": 1.0, "audit_teacher": "online"}
     client = deploy("degraded", config)
     texts = ["Shares slide as oil prices jump", "Striker scores twice in cup final"]
@@ -32,3 +33,25 @@ def test_teacher_timeout_gives_degraded_student_answers(deploy, tiny_pair, tmp_p
     audits = wait_for(lambda: [r for r in iter_records(tmp_path) if r.request_id == "kept"] or None)
     assert len(audits) == 2 and {r.reason for r in audits} == {"audit"}
     assert {r.teacher_status for r in audits} == {"timeout"}
+
+    # a teacher that keeps failing makes the gateway unready within teacher_unready_after_s
+    def unready():
+        response = httpx.get(f"{client._http.base_url}/readyz", timeout=30)
+        return response if response.status_code == 503 else None
+
+    response = wait_for(unready, timeout_s=30)
+    assert "teacher failing for" in response.json()["reason"]
+    assert client.classify(texts, threshold=1.0).outputs[0].degraded  # still answering
+
+
+def test_an_unusable_log_folder_never_stops_serving(deploy, tiny_pair, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # root ignores permissions: a file blocks mkdir
+    client = deploy("nolog", tiny_config(tiny_pair, blocker / "log"))
+    texts = ["Shares slide as oil prices jump", "Striker scores twice in cup final"]
+    outputs = client.classify(texts, force_tier="teacher").outputs
+    assert [o.tier for o in outputs] == ["teacher", "teacher"] and not any(
+        o.degraded for o in outputs
+    )
+    assert client.models().student.version  # the replica is up and answering
+    assert blocker.read_text() == "not a folder"

@@ -115,5 +115,13 @@ def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
     assert answered_while_loading and set(answered_while_loading) == {old}
     assert {v for t, v in load.versions if t > swapped_at + 0.5} == {new}
     assert models.swap.swaps == 1
+
+    # a user_config that changes only the threshold applies in place, with no load
+    local_ray.deploy_config(app_config(args, {"student_version": new, "threshold": 0.3}), tmp_path)
+    wait_for(lambda: client.models().threshold == 0.3, timeout_s=60)
+    models = client.models()
+    assert models.student.version == new and models.swap.swaps == 1
+    assert "fixed threshold 0.3" in models.threshold_rule
+    assert not any(str(tmp_path) in str(v) for v in models.model_dump().values())  # no paths
     serve.delete("swap")
     shutil.rmtree(gates)

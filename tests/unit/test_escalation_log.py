@@ -230,3 +230,49 @@ def test_inconsistent_teacher_line_is_skipped_on_read(tmp_path):
     stats = ReadStats()
     assert [r.record_id for r in iter_records(tmp_path, stats)] == ["rec1"]
     assert stats.skipped_lines == 1 and "invalid record" in stats.skipped_reasons[0]
+
+
+def test_a_slow_fsync_never_holds_up_an_append(tmp_path, monkeypatch):
+    """The periodic fsync runs outside the append lock: appends go on while it blocks."""
+    import threading
+
+    writer = EscalationLogWriter(tmp_path, fsync_interval_s=3600)
+    writer.append([record(1)])
+    in_fsync, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        in_fsync.set()
+        release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    syncer = threading.Thread(target=writer.sync)
+    syncer.start()
+    assert in_fsync.wait(10)
+    writer.append([record(2)])  # would deadlock here if sync held the lock during fsync
+    assert release.is_set() is False
+    release.set()
+    syncer.join(10)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    writer.close()
+    assert [r.record_id for r in iter_records(tmp_path)] == ["rec1", "rec2"]
+
+
+def test_a_new_segment_fsyncs_its_directory(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    line_bytes = len(record(0).model_dump_json()) + 1
+    writer = EscalationLogWriter(tmp_path, max_segment_bytes=line_bytes)
+    assert str(tmp_path) in synced  # the first segment's name
+    synced.clear()
+    writer.append([record(1)])
+    writer.append([record(2)])  # rotates
+    assert writer.rotations == 1 and str(tmp_path) in synced
+    writer.close()

@@ -72,3 +72,10 @@ def test_publish_refuses_a_folder_without_manifest(tmp_path):
     (tmp_path / "bare").mkdir()
     with pytest.raises(RegistryError, match=r"no protege\.json"):
         Registry(tmp_path / "reg").publish(tmp_path / "bare")
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/b", "", ".hidden", "x" * 129, "v..1", "a b"])
+def test_version_ids_that_would_leave_the_registry_are_refused(tmp_path, bad):
+    registry = Registry(tmp_path)
+    with pytest.raises(RegistryError, match="not valid"):
+        registry.path(bad)

@@ -62,6 +62,62 @@ def test_threshold_override_applies_to_the_new_version(slot, tmp_path):
     assert slot.active.rule.value == 0.25
 
 
+def held(gates: dict[str, threading.Event]):
+    """A loader that waits on the gate of the folder's name before loading."""
+
+    def loader(folder, *args):
+        gates[folder.name].wait(30)
+        return load_student(folder, *args)
+
+    return loader
+
+
+def test_a_slow_load_finishing_last_never_lands_over_the_latest_request(slot, tmp_path):
+    a = build_tiny(tmp_path / "a", seed=31, mean_pool=True)
+    b = build_tiny(tmp_path / "b", seed=32, mean_pool=True)
+    gates = {"a": threading.Event(), "b": threading.Event()}
+    slot._loader = held(gates)
+    assert slot.request(weights_digest(a), a)  # slow A
+    assert slot.request(weights_digest(b), b)  # then B, asked for last
+    gates["b"].set()  # B loads first and swaps in
+    wait_for(lambda: slot.active.version == weights_digest(b))
+    gates["a"].set()  # A finishes after it: discarded, B keeps serving
+    wait_for(lambda: slot.stats.superseded == 1)
+    assert slot.active.version == weights_digest(b)
+    assert slot.stats.swaps == 1 and slot.stats.loading is None
+
+
+def test_a_promote_then_a_rollback_to_the_serving_version_ends_on_the_rollback(slot, tmp_path):
+    serving = slot.active.version
+    a = build_tiny(tmp_path / "a", seed=33, mean_pool=True)
+    gates = {"a": threading.Event()}
+    slot._loader = held(gates)
+    assert slot.request(weights_digest(a), a)  # promote A (slow)
+    assert slot.request(serving, slot.active.model.folder)  # roll back: in place, at once
+    assert slot.stats.loading is None and slot.active.version == serving
+    gates["a"].set()
+    wait_for(lambda: slot.stats.superseded == 1)
+    assert slot.active.version == serving and slot.stats.swaps == 0
+
+
+def test_a_threshold_only_update_applies_in_place_without_a_load(slot):
+    model = slot.active.model
+    slot._loader = lambda *args: pytest.fail("a threshold change must not load anything")
+    assert slot.request(slot.active.version, model.folder, threshold=0.2)
+    assert slot.active.model is model and slot.active.rule.value == 0.2
+    assert not slot.request(slot.active.version, model.folder, threshold=0.2)  # twice: no-op
+    assert slot.request(slot.active.version, model.folder)  # back to the configured rule
+    assert slot.active.rule.value == 0.5
+
+
+def test_errors_shown_by_the_api_carry_no_file_system_path(slot, tmp_path):
+    broken = build_tiny(tmp_path / "broken", seed=34, mean_pool=True)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    slot.request("student-broken", broken)
+    wait_for(lambda: slot.stats.failures == 1)
+    assert str(tmp_path) not in (slot.stats.last_error or "")
+
+
 def test_loader_import_errors_are_clear():
     with pytest.raises(ValueError, match="cannot be imported"):
         import_loader("nowhere.module:load")
