@@ -50,6 +50,12 @@ api = FastAPI(
 install_error_handlers(api)
 
 
+def steered(request: ClassifyRequest) -> bool:
+    """The client chose the routing (a forced tier or its own threshold): its escalations
+    are logged and counted as forced, not as the student's low confidence."""
+    return request.force_tier == "teacher" or request.threshold is not None
+
+
 @dataclass
 class StudentAnswers:
     """The student's side of one request: per input, its probabilities and the version (and
@@ -220,7 +226,7 @@ class Gateway:
             [o.tier for o in outputs],
             [o.degraded for o in outputs],
             [o.confidence for o in outputs],
-            [self._reason(o, request.force_tier) for o in outputs],
+            [self._reason(o, request) for o in outputs],
             time.perf_counter() - began,
         )
         if len(outputs) == 1:
@@ -229,10 +235,10 @@ class Gateway:
         return ClassifyResponse(request_id=request_id, outputs=outputs)
 
     @staticmethod
-    def _reason(output: ClassifyOutput, force_tier: str | None) -> str | None:
+    def _reason(output: ClassifyOutput, request: ClassifyRequest) -> str | None:
         if not output.escalated:
             return None
-        return "forced" if force_tier == "teacher" else "low_confidence"
+        return "forced" if steered(request) else "low_confidence"
 
     # --- the cascade ----------------------------------------------------------------------
 
@@ -270,7 +276,7 @@ class Gateway:
         records = []
         if escalated:  # logged even when the teacher failed: the job labels those offline
             assert decision.reason is not None  # set whenever anything escalates
-            reason = decision.reason
+            reason: Reason = "forced" if steered(request) else decision.reason
             records = [
                 self._record(batch, decision, i, by_teacher.get(i), reason, 1.0, status)
                 for i in escalated

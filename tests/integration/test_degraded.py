@@ -25,7 +25,7 @@ def test_teacher_timeout_gives_degraded_student_answers(deploy, tiny_pair, tmp_p
     records = list(iter_records(tmp_path))
     assert sorted(r.text for r in records) == sorted(texts)
     for record in records:
-        assert record.reason == "low_confidence" and record.inclusion_probability == 1.0
+        assert record.reason == "forced" and record.inclusion_probability == 1.0  # threshold=1
         assert record.teacher_status == "timeout" and record.teacher_probs is None
     kept = client.classify(texts, threshold=0.0, request_id="kept").outputs
     assert not any(o.degraded for o in kept)

@@ -99,7 +99,8 @@ def test_escalations_and_audits_land_in_the_log_with_both_distributions(client, 
     assert isinstance(found, dict)
     for text, output in wanted.items():
         record = found[text]
-        assert record.reason == ("low_confidence" if output.escalated else "audit")
+        # a client-chosen threshold steers routing: its escalations are logged as forced
+        assert record.reason == ("forced" if output.escalated else "audit")
         assert record.inclusion_probability == 1.0  # escalated, or audited at fraction 1
         assert record.teacher_status == "answered" and record.teacher_probs is not None
         assert record.threshold == pytest.approx(threshold)

@@ -66,7 +66,9 @@ def test_init_serve_distil_gate_and_swap_on_a_three_label_task(serve_cluster, tm
     audits = [r for r in records if r.reason == "audit"]
     assert audits and {r.inclusion_probability for r in audits} == {0.5}
     assert {r.teacher_status for r in audits} == {"skipped"}  # labelled by the job, offline
-    assert {r.inclusion_probability for r in records if r.reason != "audit"} == {1.0}
+    escalations = [r for r in records if r.reason != "audit"]
+    assert {r.reason for r in escalations} == {"low_confidence"}
+    assert {r.inclusion_probability for r in escalations} == {1.0}
 
     config = DistillConfig.model_validate(
         {
