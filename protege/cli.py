@@ -110,6 +110,7 @@ def _demo(args: argparse.Namespace) -> int:
         args.port,
         args.out,
         args.seed,
+        args.metrics_port,
     )
     return 0
 
@@ -169,6 +170,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--chunk", type=int, default=1500, help="stream inputs served per round")
     demo.add_argument("--seed", type=int, default=0, help="stream order and training seed")
+    demo.add_argument("--metrics-port", type=int, default=8080)
     demo.add_argument("--concurrency", type=int, default=8)
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--out", type=Path, default=Path("var/demo"))

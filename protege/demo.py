@@ -49,6 +49,7 @@ def run_demo(
     port: int,
     out: Path,
     seed: int = 0,
+    metrics_port: int = 8080,
 ) -> dict[str, Any]:
     build_defaults(cache)
     for stale in ("registry", "escalations"):  # each demo starts from the seed student
@@ -78,7 +79,8 @@ def run_demo(
     stream = _stream(cache / "data", rounds * chunk, seed)
     rows: list[dict[str, Any]] = []
     seed_figures = holdout.figures(registry.path(registry.current() or ""))
-    with running_gateway(serve_config, port=port) as url, ProtegeClient(url) as client:
+    gateway = running_gateway(serve_config, port=port, metrics_port=metrics_port)
+    with gateway as url, ProtegeClient(url) as client:
         for number in range(1, rounds + 1):
             texts = stream[(number - 1) * chunk : number * chunk]
             print(f"\nround {number}: serving {len(texts)} stream inputs, then distilling")
