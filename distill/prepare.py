@@ -269,6 +269,7 @@ def _write_configs(spec: TaskSpec, teacher: Path, student: Path, labels: list[st
         "log_dir": str(spec.escalations_dir),
         "teacher": str(teacher),
         "traffic": str(spec.work / "traffic.jsonl"),
+        "cache_dir": str(spec.work / "cache"),  # init's scores: the traffic is scored once
         "scorer": spec.scorer,
         "train": {"max_tokens": spec.max_tokens},
         "gate": {"target_agreement": spec.target_agreement},

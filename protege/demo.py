@@ -68,14 +68,14 @@ def run_demo(
     )
     distill_config = distill_config.model_copy(
         update={
-            "cache_dir": cache / "scores",
+            "cache_dir": cache / "cache",  # where `protege init` left its scores
             "eval": distill_config.eval.model_copy(
-                update={"share": DEMO_EVAL_SHARE, "min_calibration_sampled": 100}
+                update={"share": DEMO_EVAL_SHARE, "min_calibration_sampled": 50}
             ),
             "train": distill_config.train.model_copy(update={"seed": seed}),
         }
     )
-    holdout = Holdout(cache, cache / "scores")
+    holdout = Holdout(cache, cache / "cache")
     stream = _stream(cache / "data", rounds * chunk, seed)
     rows: list[dict[str, Any]] = []
     seed_figures = holdout.figures(registry.path(registry.current() or ""))
