@@ -91,6 +91,16 @@ def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[
             "current": current,
             "window": window.describe(),
         }
+    sampled = sum(r.reason == "audit" for r in window.evaluation["gate"])
+    if sampled < max(1, config.gate.min_sampled):  # checked before any training
+        return {  # the records stay unconsumed: they train once the evidence is there
+            "result": "not-enough-evidence",
+            "reason": f"{sampled} sampled confident records in the gate split, fewer than "
+            f"min_sampled={config.gate.min_sampled} (raise cascade.audit_fraction or serve "
+            "more traffic; the new records wait for the next run)",
+            "current": current,
+            "window": window.describe(),
+        }
     teacher = Classifier(config.teacher, device=config.device, max_tokens=config.train.max_tokens)
     labeller = OfflineLabels(teacher, config.scores_dir)
     texts, soft, labels = _training_set(config, window, labeller)

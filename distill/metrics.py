@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
 logger = logging.getLogger(__name__)
 JOB = "protege_distill"
-RESULTS = ("promoted", "rejected", "nothing-to-do", "failed")
+RESULTS = ("promoted", "rejected", "not-enough-evidence", "nothing-to-do", "failed")
 
 
 def read_runs(runs_dir: Path) -> list[tuple[Path, str]]:

@@ -241,7 +241,10 @@ def _plain_manifest(folder: Path, role: str, labels: list[str]) -> str:
 
 
 def _write_configs(spec: TaskSpec, teacher: Path, student: Path, labels: list[str]) -> None:
-    """The task's Serve config and distillation config, every path spelled out."""
+    """The task's Serve config and distillation config, every path spelled out (absolute,
+    so they work from any folder)."""
+    teacher, student = teacher.resolve(), student.resolve()
+    work = spec.work.resolve()
     serve = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "127.0.0.1", "port": 8000},
@@ -253,9 +256,9 @@ def _write_configs(spec: TaskSpec, teacher: Path, student: Path, labels: list[st
                 "args": {
                     "student": {"path": str(student), "max_tokens": spec.max_tokens},
                     "teacher": {"path": str(teacher), "max_tokens": spec.max_tokens},
-                    "registry": str(spec.registry_dir),
+                    "registry": str(spec.registry_dir.resolve()),
                     "cascade": {"scorer": spec.scorer, "audit_fraction": spec.audit_fraction},
-                    "log": {"dir": str(spec.escalations_dir)},
+                    "log": {"dir": str(spec.escalations_dir.resolve())},
                 },
                 "deployments": [
                     {"name": "Gateway", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
@@ -265,19 +268,19 @@ def _write_configs(spec: TaskSpec, teacher: Path, student: Path, labels: list[st
         ],
     }
     distill: dict[str, Any] = {
-        "registry": str(spec.registry_dir),
-        "log_dir": str(spec.escalations_dir),
+        "registry": str(spec.registry_dir.resolve()),
+        "log_dir": str(spec.escalations_dir.resolve()),
         "teacher": str(teacher),
-        "traffic": str(spec.work / "traffic.jsonl"),
-        "cache_dir": str(spec.work / "cache"),  # init's scores: the traffic is scored once
+        "traffic": str(work / "traffic.jsonl"),
+        "cache_dir": str(work / "cache"),  # init's scores: the traffic is scored once
         "scorer": spec.scorer,
         "train": {"max_tokens": spec.max_tokens},
         "gate": {"target_agreement": spec.target_agreement},
     }
     if spec.gold is not None:
-        distill["gold"] = str(spec.work / "gold.jsonl")
+        distill["gold"] = str(work / "gold.jsonl")
     if spec.replay_examples is not None:
-        distill["replay"] = {"examples": str(spec.work / "replay.jsonl")}
+        distill["replay"] = {"examples": str(work / "replay.jsonl")}
     header = f"# Written by `protege init` for task {spec.name!r} (labels: {', '.join(labels)}).\n"
     for name, content in (("serve_config.yaml", serve), ("distill.yaml", distill)):
-        (spec.work / name).write_text(header + yaml.safe_dump(content, sort_keys=False))
+        (work / name).write_text(header + yaml.safe_dump(content, sort_keys=False))

@@ -36,7 +36,7 @@ def test_teacher_timeout_gives_degraded_student_answers(deploy, tiny_pair, tmp_p
 
     # a teacher that keeps failing makes the gateway unready within teacher_unready_after_s
     def unready():
-        response = httpx.get(f"{client._http.base_url}/readyz", timeout=30)
+        response = httpx.get(str(client._http.base_url).rstrip("/") + "/readyz", timeout=30)
         return response if response.status_code == 503 else None
 
     response = wait_for(unready, timeout_s=30)

@@ -26,7 +26,13 @@ def test_run_counts_come_from_the_run_reports(tmp_path):
         if m.name == "protege_distill_runs_total"
         for s in m.samples
     }
-    assert counts == {"promoted": 1, "rejected": 2, "failed": 1, "nothing-to-do": 0}
+    assert counts == {
+        "promoted": 1,
+        "rejected": 2,
+        "failed": 1,
+        "nothing-to-do": 0,
+        "not-enough-evidence": 0,
+    }
 
 
 def test_missing_or_bad_metrics_port_is_a_clear_error():
