@@ -73,6 +73,8 @@ def run_demo(
                 update={"share": DEMO_EVAL_SHARE, "min_calibration_sampled": 50}
             ),
             "train": distill_config.train.model_copy(update={"seed": seed}),
+            # about a hundred sampled gate records per round, pooled across rounds
+            "gate": distill_config.gate.model_copy(update={"min_sampled": 50}),
         }
     )
     holdout = Holdout(cache, cache / "cache")
