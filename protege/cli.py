@@ -168,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     demo.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
     demo.add_argument("--rounds", type=int, default=3)
-    demo.add_argument("--chunk", type=int, default=1500, help="stream inputs served per round")
+    demo.add_argument("--chunk", type=int, default=1000, help="stream inputs served per round")
     demo.add_argument("--seed", type=int, default=0, help="stream order and training seed")
     demo.add_argument("--metrics-port", type=int, default=8080)
     demo.add_argument("--concurrency", type=int, default=8)
