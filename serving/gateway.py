@@ -9,6 +9,7 @@ cross to the teacher deployment.
 import asyncio
 import logging
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from serving.schemas import (
 
 logger = logging.getLogger("ray.serve")
 LOG_RETRY_S = 5.0  # how often an unusable log folder is tried again
+SERVING_GAUGES_EVERY_S = 5.0
 
 api = FastAPI(
     title="protege",
@@ -109,7 +111,15 @@ class Gateway:
         self._teacher_failing_since: float | None = None  # monotonic time of the first failure
         self._serving: tuple[str, str] | None = None
         self._publish_serving()
+        # Ray exports a gauge only while it is being set: re-publish what serves, so the
+        # versions, threshold and eval figures stay visible between swaps
+        self._stopped = threading.Event()
+        threading.Thread(target=self._republish, daemon=True, name="serving-gauges").start()
         logger.info("student %s ready (%s)", initial.version, initial.rule.description)
+
+    def _republish(self) -> None:
+        while not self._stopped.wait(SERVING_GAUGES_EVERY_S):
+            self._publish_serving()
 
     def _swapped(self, result: str, seconds: float) -> None:
         self.metrics.inc("protege_hot_swaps", result=result)
@@ -497,6 +507,9 @@ class Gateway:
         return self._teacher_info
 
     def __del__(self) -> None:
+        stopped = getattr(self, "_stopped", None)
+        if stopped is not None:
+            stopped.set()
         log = getattr(self, "log", None)
         if log is not None:
             log.close()

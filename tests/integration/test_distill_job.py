@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def write_log(
-    cache: Path, log: Path, n: int, *, audit_fraction: float = 0.5, scramble: bool = False
+    cache: Path, log: Path, n: int, *, audit_fraction: float = 0.8, scramble: bool = False
 ) -> None:
     """What the gateway would log serving ``n`` stream inputs with the seed student;
     ``scramble`` makes the teacher's distributions random: a log that can only teach the
@@ -75,12 +75,12 @@ def job_config(cache: Path, root: Path, **train) -> DistillConfig:
             "device": "cpu",
             "train": {"epochs": 2, "batch_size": 16, "lr_encoder": 5e-5, "lr_head": 2e-3, **train},
             "replay": {"earlier_records": 50},
-            "eval": {"share": 0.5, "min_calibration_sampled": 40},
+            "eval": {"share": 0.5, "min_calibration_sampled": 30},
             # the lite pair's thresholds rest on a small calibration split: the margins are
             # wide so these tests exercise the mechanics, not the lite models' quality
             "gate": {
                 "target_agreement": 0.95,
-                "min_sampled": 40,
+                "min_sampled": 30,
                 "agreement_margin": 0.06,
                 "gold_margin": 0.06,
             },
@@ -99,12 +99,12 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
     lite_cache, tmp_path, seeded_registry
 ):
     seed = seeded_registry.current()
-    write_log(lite_cache, tmp_path / "log", 1200)
+    write_log(lite_cache, tmp_path / "log", 1600)
     report = run(job_config(lite_cache, tmp_path))
     assert report["result"] == "promoted", report["reason"]
     decision = report["decision"]
     drop = decision["escalation_drop"]
-    assert drop["low"] > 0 and drop["sampled"] >= 40  # positive at the stated confidence
+    assert drop["low"] > 0.01 and drop["sampled"] >= 30  # above min_drop at the confidence
     assert report["offline_labelled"] > 0  # audited inputs were labelled by the job
     assert report["calibration"]["kind"] == "live_traffic"
     current = seeded_registry.current()
@@ -125,7 +125,7 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
 
 def test_a_worse_candidate_is_rejected_and_nothing_changes(lite_cache, tmp_path, seeded_registry):
     seed = seeded_registry.current()
-    write_log(lite_cache, tmp_path / "log", 600, scramble=True)
+    write_log(lite_cache, tmp_path / "log", 1200, scramble=True)
     report = run(job_config(lite_cache, tmp_path, lr_encoder=5e-4, lr_head=5e-3, epochs=3))
     assert report["result"] == "rejected", report["reason"]
     assert seeded_registry.current() == seed

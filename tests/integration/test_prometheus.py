@@ -137,7 +137,7 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
         tiny_pair,
         tmp / "log",
         registry=str(registry.root),
-        cascade={"threshold": 0.5, "audit_fraction": 1.0},
+        cascade={"threshold": 0.5, "audit_fraction": 1.0, "audit_teacher": "online"},
         log={"dir": str(tmp / "log"), "max_segment_bytes": 3000, "fsync_interval_s": 0.2},
     )
     app = {
