@@ -7,6 +7,7 @@ cached score never goes stale.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def cached_probs(model: Classifier, texts: list[str], cache: Path, name: str) ->
         return np.load(path)
     probs = predict_all(model, texts, desc=f"{model.version}: {name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial.npy")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")  # writers never collide
     np.save(tmp, probs)
     tmp.replace(path)
     return probs
