@@ -60,8 +60,15 @@ class Bootstrap:
         if n == 0:
             raise ValueError("no evaluation records")
         rng = np.random.default_rng(seed)
-        # draws x n resample counts (float32: 1000 draws of 25,000 records are 100 MB)
-        self.counts = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float32)
+        # draws x n resample counts as float32 (1000 draws of 25,000 records: 100 MB),
+        # drawn in chunks so the int64 draws never exist all at once
+        p = np.full(n, 1.0 / n)
+        self.counts = np.concatenate(
+            [
+                rng.multinomial(n, p, size=min(100, draws - start)).astype(np.float32)
+                for start in range(0, draws, 100)
+            ]
+        )
         self._denominators = self.counts @ self.weights
 
     def _draws(self, values: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from distill.finetune import TrainSettings, fine_tune
 from distill.judge import Judge
 from distill.lock import run_lock
 from distill.offline_labels import OfflineLabels
+from distill.splits import check_share, normalise
 from distill.tables import read_labelled
 from serving import meanpool
 from serving.classifier import Classifier, pick_device
@@ -75,6 +76,7 @@ def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[
             f"registry {registry.root} has no current student: run `protege init TASK.yaml` "
             "(or `protege registry import FOLDER --promote`) first"
         )
+    check_share(registry.root, config.eval.share)
     watermark = read_watermark(registry.root)
     window = read_window(
         config.log_dir,
@@ -119,7 +121,10 @@ def _training_set(
     """Soft targets are the teacher's distributions (logged, or asked now for records whose
     teacher was skipped or failed); hard labels are gold where a record has one, else the
     teacher's. Labelled replay examples (the seed's training set) join every run."""
-    records = labeller.usable(window.new + window.replay)
+    held_out = _gold_texts(config, labeller.labels)
+    records = [
+        r for r in labeller.usable(window.new + window.replay) if normalise(r.text) not in held_out
+    ]
     soft_probs = labeller.probs(records)
     labels = labeller.labels
     texts = [r.text for r in records]
@@ -129,11 +134,21 @@ def _training_set(
     ]
     soft = soft_probs.tolist()
     if config.replay.examples is not None:
-        ex_texts, ex_labels = read_labelled(config.replay.examples, labels)
+        examples = read_labelled(config.replay.examples, labels)
+        kept = [(t, y) for t, y in zip(*examples, strict=True) if normalise(t) not in held_out]
+        ex_texts, ex_labels = [t for t, _ in kept], [y for _, y in kept]
         texts += ex_texts
         soft += cached_probs(labeller.teacher, ex_texts, config.scores_dir, "replay").tolist()
         hard += ex_labels
     return texts, soft, hard
+
+
+def _gold_texts(config: DistillConfig, labels: list[str]) -> set[str]:
+    """The gold file's texts, normalised: never trained on, or gold accuracy would flatter
+    the candidate (a gold file is often a labelled sample of the same traffic)."""
+    if config.gold is None:
+        return set()
+    return {normalise(t) for t in read_labelled(config.gold, labels)[0]}
 
 
 def _train_candidate(
@@ -216,6 +231,14 @@ def _judge_and_publish(
         config.gate,
     )
     figures = decision.as_dict()
+    if decision.candidate is None:  # too few usable sampled records: nothing consumed
+        return {
+            "result": "not-enough-evidence",
+            "reason": decision.reason,
+            "current": current,
+            "candidate": candidate,
+            "window": window.describe(),
+        }
     flat = {name: _flat(figures.get(name)) for name in ("current", "candidate")}
     if decision.promote:
         write_manifest(

@@ -41,12 +41,12 @@ class Judge:
         )
         self.cal_sampled = sum(r.reason == "audit" for r in self.cal_records)
         self.live = self.cal_sampled >= config.eval.min_calibration_sampled or (
-            config.traffic is None and bool(self.cal_records)
+            config.traffic is None and self.cal_sampled > 0
         )
         if not self.live and config.traffic is None:
             raise ValueError(
-                "no calibration data: the log's calibration split is empty and the config "
-                "names no traffic sample (set `traffic`)"
+                "no calibration data: the log's calibration split holds no sampled records "
+                "and the config names no traffic sample (set `traffic`)"
             )
         self.cal_teacher = labeller.probs(self.cal_records).argmax(1) if self.live else None
         self.traffic = [] if self.live else read_texts(config.traffic)  # type: ignore[arg-type]

@@ -40,16 +40,19 @@ class OfflineLabels:
         self.foreign += len(records) - len(kept)
         return kept
 
+    def logged(self, record: EscalationRecord) -> list[float] | None:
+        """The logged answer, if it is this teacher's (an older teacher's is asked again)."""
+        if record.teacher_version != self.teacher.version:
+            return None
+        return record.teacher_probs
+
     def probs(self, records: list[EscalationRecord]) -> np.ndarray:
         """(n, k) teacher probabilities, in the records' order."""
-        missing = [r for r in records if r.teacher_probs is None and r.record_id not in self._known]
+        missing = [r for r in records if self.logged(r) is None and r.record_id not in self._known]
         if missing:
             answered = predict_all(self.teacher, [r.text for r in missing], desc="label offline")
             self._remember(missing, answered)
-        rows = [
-            r.teacher_probs if r.teacher_probs is not None else self._known[r.record_id]
-            for r in records
-        ]
+        rows = [self.logged(r) or self._known[r.record_id] for r in records]
         return np.asarray(rows, dtype=np.float32).reshape(len(records), len(self.labels))
 
     def _remember(self, records: list[EscalationRecord], probs: np.ndarray) -> None:

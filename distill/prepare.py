@@ -99,13 +99,6 @@ def prepare(spec: TaskSpec, *, force: bool = False, device: str = "auto") -> Pre
         gold = read_labelled(spec.gold, labels, spec.text_column, spec.label_column)
     if spec.replay_examples is not None:
         replay = read_labelled(spec.replay_examples, labels, spec.text_column, spec.label_column)
-    spec.work.mkdir(parents=True, exist_ok=True)
-    # normalised copies: the distillation job reads `text` (and `label`) columns only
-    write_jsonl(spec.work / "traffic.jsonl", [{"text": t} for t in texts])
-    if gold is not None:
-        write_jsonl(spec.work / "gold.jsonl", _labelled_rows(*gold, labels))
-    if spec.replay_examples is not None:
-        write_jsonl(spec.work / "replay.jsonl", _labelled_rows(*replay, labels))
     registry = Registry(spec.registry_dir)
     current = registry.current()
     student_version = f"student-{weights_digest(spec.student)}"
@@ -114,6 +107,13 @@ def prepare(spec: TaskSpec, *, force: bool = False, device: str = "auto") -> Pre
             f"registry {registry.root} already serves {current}; pass --force to make the "
             "seed student current again, or set another registry in the task file"
         )
+    spec.work.mkdir(parents=True, exist_ok=True)
+    # normalised copies: the distillation job reads `text` (and `label`) columns only
+    write_jsonl(spec.work / "traffic.jsonl", [{"text": t} for t in texts])
+    if gold is not None:
+        write_jsonl(spec.work / "gold.jsonl", _labelled_rows(*gold, labels))
+    if spec.replay_examples is not None:
+        write_jsonl(spec.work / "replay.jsonl", _labelled_rows(*replay, labels))
     models = spec.work / "models"
     teacher_dir = _materialise(spec.teacher, models / "teacher")
     teacher_version = _plain_manifest(teacher_dir, "teacher", labels)

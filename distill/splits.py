@@ -9,10 +9,32 @@ judges it (calibrating and judging on the same records would flatter the candida
 from __future__ import annotations
 
 import hashlib
+import json
 import unicodedata
+from pathlib import Path
 from typing import Literal
 
 Role = Literal["train", "calibration", "gate"]
+
+
+SPLIT_NAME = "split.json"
+
+
+def check_share(registry: Path, eval_share: float) -> None:
+    """Pin ``eval_share`` to the registry on first use: a later change would move texts
+    already trained on into the evaluation splits."""
+    path = Path(registry) / SPLIT_NAME
+    if path.exists():
+        pinned = float(json.loads(path.read_text())["eval_share"])
+        if pinned != eval_share:
+            raise ValueError(
+                f"eval.share={eval_share} differs from {pinned}, the share this registry's "
+                f"runs used ({path}): changing it would evaluate on texts already trained on; "
+                "keep it, or start a new registry and log"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"eval_share": eval_share, "rule": "sha256(normalised text)"}))
 
 
 def normalise(text: str) -> str:

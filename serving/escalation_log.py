@@ -175,10 +175,12 @@ class EscalationLogWriter:
         return handle
 
     def _rotate(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = self._open_segment()
+        """The new segment opens first: if that fails, the old one stays open and usable."""
+        fresh = self._open_segment()
+        old, self._file = self._file, fresh
+        old.flush()
+        os.fsync(old.fileno())
+        old.close()
         self.rotations += 1
 
     def _sync_loop(self, interval: float) -> None:

@@ -7,6 +7,7 @@ cross to the teacher deployment.
 """
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -457,9 +458,12 @@ class Gateway:
         before = (log.bytes_written, log.rotations)
         try:
             await asyncio.to_thread(log.append, records)
-        except (OSError, RuntimeError):
+        except Exception:  # never a failed request: counted, alerted, the writer reopened
             self.metrics.inc("protege_log_write_errors")
             logger.exception("escalation log write failed for %d records", len(records))
+            self.log, self._log_retry_at = None, time.monotonic() + LOG_RETRY_S
+            with contextlib.suppress(Exception):
+                log.close()
             return
         self.metrics.log_written(
             len(records), log.bytes_written - before[0], log.rotations - before[1]

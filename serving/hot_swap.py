@@ -129,13 +129,20 @@ class StudentSlot:
                 self.stats.loading == version or self.active.version == version
             ):
                 return False
+            rule = None
+            if version == self.active.version:  # resolved before any state changes
+                try:
+                    rule = resolve_threshold(cascade, self.active.model.manifest)
+                except ValueError as exc:
+                    self.stats.failures += 1
+                    self.stats.last_error = without_paths(f"{version}: {exc}")
+                    logger.error("threshold update refused: %s", exc)
+                    return False
             self._generation += 1
             generation, self._wanted = self._generation, (version, threshold)
-            if version == self.active.version:  # a threshold change, or back to this one
+            if rule is not None:  # a threshold change, or back to this one
                 self.stats.loading = None
-                self.active = ActiveStudent(
-                    self.active.model, resolve_threshold(cascade, self.active.model.manifest)
-                )
+                self.active = ActiveStudent(self.active.model, rule)
                 logger.info("student %s now at %s", version, self.active.rule.description)
                 self._on_result("success", 0.0)
                 return True

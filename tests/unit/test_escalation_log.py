@@ -276,3 +276,21 @@ def test_a_new_segment_fsyncs_its_directory(tmp_path, monkeypatch):
     writer.append([record(2)])  # rotates
     assert writer.rotations == 1 and str(tmp_path) in synced
     writer.close()
+
+
+def test_a_failed_rotation_keeps_the_old_segment_writable(tmp_path, monkeypatch):
+    line_bytes = len(record(0).model_dump_json()) + 1
+    writer = EscalationLogWriter(tmp_path, max_segment_bytes=line_bytes)
+    writer.append([record(1)])
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    real_open = writer._open_segment
+    monkeypatch.setattr(writer, "_open_segment", full_disk)
+    with pytest.raises(OSError):
+        writer.append([record(2)])  # would rotate: the new segment cannot be opened
+    monkeypatch.setattr(writer, "_open_segment", real_open)
+    writer.append([record(3)])  # the writer still works once the disk does
+    writer.close()
+    assert [r.record_id for r in iter_records(tmp_path)] == ["rec1", "rec3"]

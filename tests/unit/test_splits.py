@@ -76,3 +76,12 @@ def test_zero_share_trains_on_everything():
 def test_invalid_share_raises(share):
     with pytest.raises(ValueError, match="eval_share"):
         role_of("hello", share)
+
+
+def test_the_eval_share_is_pinned_to_a_registry(tmp_path):
+    from distill.splits import check_share
+
+    check_share(tmp_path, 0.2)
+    check_share(tmp_path, 0.2)  # the same share: fine
+    with pytest.raises(ValueError, match="evaluate on texts already trained on"):
+        check_share(tmp_path, 0.5)

@@ -122,3 +122,20 @@ def test_loader_import_errors_are_clear():
     with pytest.raises(ValueError, match="cannot be imported"):
         import_loader("nowhere.module:load")
     assert import_loader("serving.hot_swap:load_student") is load_student
+
+
+def test_a_refused_threshold_update_changes_nothing(slot, monkeypatch):
+    import serving.hot_swap
+
+    model, rule = slot.active.model, slot.active.rule
+
+    def no_rule(*_):
+        raise ValueError("no calibration for this target")
+
+    monkeypatch.setattr(serving.hot_swap, "resolve_threshold", no_rule)
+    assert not slot.request(slot.active.version, model.folder, threshold=0.3)
+    assert slot.active.rule is rule and slot.stats.failures == 1
+    assert "no calibration" in (slot.stats.last_error or "")
+    monkeypatch.undo()
+    assert slot.request(slot.active.version, model.folder, threshold=0.3)  # retry applies
+    assert slot.active.rule.value == 0.3
