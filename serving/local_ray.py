@@ -89,6 +89,7 @@ def start(
         logging_level=logging.ERROR,
         runtime_env={"env_vars": {k: os.environ[k] for k in env}},
     )
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's start-up notes
     serve.start(
         http_options={"host": LOOPBACK, "port": http_port},
         logging_config={"enable_access_log": False},
