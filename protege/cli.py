@@ -115,6 +115,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_spread(args: argparse.Namespace) -> int:
+    from protege.demo_report import spread
+
+    print(spread(args.runs))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from protege.bench import run_bench
 
@@ -175,6 +182,12 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--out", type=Path, default=Path("var/demo"))
     demo.set_defaults(func=_demo)
+
+    spread = sub.add_parser(
+        "demo-spread", help="several demo runs (--seed, --out) side by side, with their range"
+    )
+    spread.add_argument("runs", type=Path, nargs="+", help="the demos' --out folders")
+    spread.set_defaults(func=_demo_spread)
 
     bench = sub.add_parser(
         "bench", help="teacher-only, student-only, cascade and plain uvicorn, side by side"

@@ -118,3 +118,36 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def spread(folders: list[Path]) -> str:
+    """A table of several demo runs (``--seed``) side by side, and the range of each
+    headline figure: one run tells a story, several tell how steady it is."""
+    import json
+
+    runs = [json.loads((Path(f) / "demo.json").read_text()) for f in folders]
+    lines = [
+        "| seed | results by round | live esc. after the last round [95% CI] | sampled | "
+        "holdout esc. seed -> final | gold acc. seed -> final | esc. needed seed -> final | final / seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios, finals = [], []
+    for run in runs:
+        summary, rows = run["summary"], run["rounds"]
+        live = next((serving_live(r) for r in reversed(rows) if serving_live(r)), None) or {}
+        esc = live.get("escalation_rate")
+        seed, final = summary["seed"], summary["final"]
+        ratios.append(summary["ratio_final_to_seed"])
+        finals.append(final["escalation_rate"])
+        lines.append(
+            f"| {summary['demo_seed']} | {', '.join(r['result'] for r in rows)} | {_ci(esc)} | "
+            f"{esc['sampled'] if esc else '-'} | {seed['escalation_rate']:.1%} -> "
+            f"{final['escalation_rate']:.1%} | {seed['cascade_gold_accuracy']:.1%} -> "
+            f"{final['cascade_gold_accuracy']:.1%} | {seed['escalation_needed']:.1%} -> "
+            f"{final['escalation_needed']:.1%} | {summary['ratio_final_to_seed']:.2f} |"
+        )
+    lines.append(
+        f"\nover {len(runs)} seeds: final holdout escalation {min(finals):.1%} to "
+        f"{max(finals):.1%}; escalation needed, final / seed, {min(ratios):.2f} to {max(ratios):.2f}"
+    )
+    return "\n".join(lines)

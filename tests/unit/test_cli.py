@@ -77,3 +77,37 @@ def test_the_registry_follower_keeps_following_after_a_failed_apply(tmp_path, mo
     wait_for(lambda: applied == ["student-b"])
     follower.stopped.set()
     assert follower.failures == 1 and follower.applied == "student-b"
+
+
+def test_demo_spread_puts_seeds_side_by_side(tmp_path):
+    import json
+
+    from protege.demo_report import spread
+
+    def figures(esc: float, needed: float) -> dict:
+        return {
+            "escalation_rate": esc,
+            "cascade_gold_accuracy": 0.92,
+            "escalation_needed": needed,
+        }
+
+    folders = []
+    for seed, final in ((0, 0.15), (1, 0.25)):
+        live = {"value": final, "low": final - 0.05, "high": final + 0.05, "sampled": 120}
+        run = {
+            "summary": {
+                "demo_seed": seed,
+                "seed": figures(0.4, 0.6),
+                "final": figures(final, 0.3),
+                "ratio_final_to_seed": 0.5,
+            },
+            "rounds": [
+                {"result": "promoted", "decision": {"candidate": {"escalation_rate": live}}}
+            ],
+        }
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "demo.json").write_text(json.dumps(run))
+        folders.append(tmp_path / str(seed))
+    table = spread(folders)
+    assert "| 0 | promoted | 15.0% [10.0%, 20.0%] | 120 |" in table
+    assert "final holdout escalation 15.0% to 25.0%" in table
