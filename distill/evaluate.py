@@ -9,6 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from serving.classifier import Classifier
+from serving.scoring import should_escalate
 
 
 def predict_all(
@@ -45,7 +46,7 @@ def cascade_figures(
 ) -> CascadeFigures:
     """What the cascade answers at ``threshold``: its accuracy on ``gold`` and its agreement
     with the teacher's own answers."""
-    escalate = confidence < threshold
+    escalate = should_escalate(confidence, threshold)
     answer = np.where(escalate, teacher.argmax(axis=1), student.argmax(axis=1))
     return CascadeFigures(
         escalation_rate=float(escalate.mean()),

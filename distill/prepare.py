@@ -34,7 +34,7 @@ from serving import meanpool
 from serving.classifier import Classifier
 from serving.manifest import DefaultTarget, ModelManifest, weights_digest, write_manifest
 from serving.registry import Registry
-from serving.scoring import SCORERS, threshold_for_agreement
+from serving.scoring import SCORERS, should_escalate, threshold_for_agreement
 
 TABLE_TARGETS = (0.90, 0.95, 0.97, 0.98, 0.99, 1.0)
 
@@ -146,7 +146,7 @@ def prepare(spec: TaskSpec, *, force: bool = False, device: str = "auto") -> Pre
     threshold = calibration.threshold(spec.scorer, target_agreement=spec.target_agreement)
     figures["threshold"] = threshold
     figures["escalation_rate"] = float(
-        np.mean(np.asarray(calibration.confidences[spec.scorer]) < threshold)
+        np.mean(should_escalate(np.asarray(calibration.confidences[spec.scorer]), threshold))
     )
     manifest = ModelManifest(
         version=student_version,
@@ -188,7 +188,7 @@ def scorer_table(student: np.ndarray, teacher_labels: np.ndarray) -> dict[str, d
         for name, scorer in SCORERS.items():
             confidence = scorer(student)
             threshold = threshold_for_agreement(confidence, agrees, target)
-            row[name] = float(np.mean(confidence < threshold))
+            row[name] = float(np.mean(should_escalate(confidence, threshold)))
         table[f"{target:.2f}"] = row
     return table
 
