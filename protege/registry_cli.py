@@ -32,12 +32,19 @@ def _list(args: argparse.Namespace) -> int:
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created_at)),
                 f"{m.eval['escalation_rate']:.1%}" if "escalation_rate" in m.eval else "-",
                 f"{m.eval['cascade_agreement']:.1%}" if "cascade_agreement" in m.eval else "-",
+                # where its threshold was calibrated: live traffic or the traffic sample
+                m.calibration.kind if m.calibration else "-",
             ]
         )
     if not rows:
         print(f"registry {registry.root} is empty: `protege registry import FOLDER --promote`")
         return 0
-    print(_table(rows, ["", "version", "parent", "created", "escalation", "cascade agreement"]))
+    print(
+        _table(
+            rows,
+            ["", "version", "parent", "created", "escalation", "cascade agreement", "calibrated on"],
+        )
+    )
     return 0
 
 
