@@ -130,7 +130,7 @@ def _round_row(
     outputs = [o for o in served.outputs if o is not None]
     return {
         "round": number,
-        "served_version": outputs[0].model_version if outputs else "?",
+        "served_version": next((o.model_version for o in outputs if o.tier == "student"), "?"),
         "served_inputs": len(outputs),
         "served_escalation_rate": sum(o.escalated for o in outputs) / max(1, len(outputs)),
         "failed_requests": served.failures,
