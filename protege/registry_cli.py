@@ -42,7 +42,15 @@ def _list(args: argparse.Namespace) -> int:
     print(
         _table(
             rows,
-            ["", "version", "parent", "created", "escalation", "cascade agreement", "calibrated on"],
+            [
+                "",
+                "version",
+                "parent",
+                "created",
+                "escalation",
+                "cascade agreement",
+                "calibrated on",
+            ],
         )
     )
     return 0
