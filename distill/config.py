@@ -17,11 +17,10 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
-    field_validator,
 )
 
 from serving import defaults
-from serving.scoring import SCORERS
+from serving.scoring import ScorerName
 
 
 class _Strict(BaseModel):
@@ -121,7 +120,7 @@ class DistillConfig(_Strict):
     cache_dir: Path | None = Field(
         default=None, description="Score cache (default: <registry>/cache)"
     )
-    scorer: str = Field(default=defaults.SCORER, description="The scorer serving uses")
+    scorer: ScorerName = Field(default=defaults.SCORER, description="The scorer serving uses")
     min_records: NonNegativeInt = Field(default=50, description="Fewer new records: nothing to do")
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
@@ -132,13 +131,6 @@ class DistillConfig(_Strict):
         default=None, description="host:port of a Prometheus Pushgateway for the job's metrics"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @field_validator("scorer")
-    @classmethod
-    def _known_scorer(cls, name: str) -> str:
-        if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
-        return name
 
     @property
     def scores_dir(self) -> Path:

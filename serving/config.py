@@ -16,12 +16,11 @@ from pydantic import (
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
-    field_validator,
     model_validator,
 )
 
 from serving import defaults
-from serving.scoring import SCORERS
+from serving.scoring import SCORERS, ScorerName
 
 DEFAULT_MAX_INPUTS = 64
 DEFAULT_MAX_CHARS = 4000
@@ -41,7 +40,7 @@ class ModelSpec(_Strict):
 
 
 class CascadeConfig(_Strict):
-    scorer: str = Field(default=defaults.SCORER, description=f"One of {sorted(SCORERS)}")
+    scorer: ScorerName = Field(default=defaults.SCORER, description=f"One of {sorted(SCORERS)}")
     threshold: float | None = Field(
         default=None, ge=0, le=1, description="Escalate when confidence < threshold"
     )
@@ -64,15 +63,6 @@ class CascadeConfig(_Strict):
         "distillation job asks the teacher in batch; online: ask the teacher now, off the "
         "response path",
     )
-
-    @field_validator("scorer")
-    @classmethod
-    def _known_scorer(cls, name: str) -> str:
-        if name not in SCORERS:
-            raise ValueError(
-                f"unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}"
-            )
-        return name
 
     @model_validator(mode="after")
     def _one_rule(self) -> CascadeConfig:

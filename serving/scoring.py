@@ -9,8 +9,10 @@ escalation rate (a quantile, as RouteLLM does) or for a target agreement with th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import numpy as np
+from pydantic import AfterValidator
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 """Takes probabilities of shape (n, k) and returns confidences of shape (n,)."""
@@ -49,6 +51,16 @@ def get_scorer(name: str) -> Scorer:
     except KeyError:
         known = ", ".join(sorted(SCORERS))
         raise ValueError(f"unknown scorer {name!r}; known scorers: {known}") from None
+
+
+def known_scorer(name: str) -> str:
+    """``name`` if a scorer is registered under it (a validator for config fields)."""
+    get_scorer(name)
+    return name
+
+
+ScorerName = Annotated[str, AfterValidator(known_scorer)]
+"""A config field holding a registered scorer's name."""
 
 
 def should_escalate(confidence: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:

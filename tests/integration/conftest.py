@@ -72,3 +72,19 @@ def tiny_config(tiny_pair: tuple[Path, Path], log_dir: Path, **overrides) -> dic
     }
     config.update(overrides)
     return config
+
+
+def app_config(name: str, args: dict, user_config: dict) -> dict:
+    """A Serve config of one gateway app under ``/<name>``, deployed through the config
+    path (``local_ray.deploy_config``) so that a later ``user_config`` applies in place."""
+    return {
+        "applications": [
+            {
+                "name": name,
+                "route_prefix": f"/{name}",
+                "import_path": "serving.app:build_app",
+                "args": args,
+                "deployments": [{"name": "Gateway", "user_config": user_config}],
+            }
+        ]
+    }

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import tiny_config, wait_for
+from conftest import app_config, tiny_config, wait_for
 from ray import serve
 from tiny_models import build_tiny
 
@@ -58,20 +58,6 @@ class Load:
             t.join(30)
 
 
-def app_config(args: dict, user_config: dict) -> dict:
-    return {
-        "applications": [
-            {
-                "name": "swap",
-                "route_prefix": "/swap",
-                "import_path": "serving.app:build_app",
-                "args": args,
-                "deployments": [{"name": "Gateway", "user_config": user_config}],
-            }
-        ]
-    }
-
-
 def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
     registry = Registry(tmp_path / "registry")
     old = add_version(registry, tmp_path, seed=11, name="old")
@@ -81,7 +67,7 @@ def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
     registry.promote(old)
     args = tiny_config(tiny_pair, tmp_path / "log", registry=str(registry.root))
     args["student_loader"] = "gated_loader:load"
-    local_ray.deploy_config(app_config(args, {}), tmp_path)
+    local_ray.deploy_config(app_config("swap", args, {}), tmp_path)
     url = f"http://127.0.0.1:{serve_cluster}/swap"
     client = ProtegeClient(url, timeout=60)
     client.wait_ready(120)
@@ -92,7 +78,7 @@ def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
     (gates / new).touch()  # hold the new version's load open
     with Load(url) as load:
         wait_for(lambda: len(load.versions) > 20)
-        local_ray.deploy_config(app_config(args, {"student_version": new}), tmp_path)
+        local_ray.deploy_config(app_config("swap", args, {"student_version": new}), tmp_path)
         wait_for(lambda: client.models().swap.loading == new)
         held_from = time.monotonic()
         wait_for(lambda: sum(t > held_from for t, _ in load.versions) > 30)  # served while loading
@@ -104,7 +90,7 @@ def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
         wait_for(lambda: sum(t > swapped_at for t, _ in load.versions) > 20)
 
         # a broken version is refused and the current one keeps serving
-        local_ray.deploy_config(app_config(args, {"student_version": broken}), tmp_path)
+        local_ray.deploy_config(app_config("swap", args, {"student_version": broken}), tmp_path)
         wait_for(lambda: client.models().swap.failures >= 1, timeout_s=60)
         refused_at = time.monotonic()
         wait_for(lambda: sum(t > refused_at for t, _ in load.versions) > 20)
@@ -117,7 +103,9 @@ def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
     assert models.swap.swaps == 1
 
     # a user_config that changes only the threshold applies in place, with no load
-    local_ray.deploy_config(app_config(args, {"student_version": new, "threshold": 0.3}), tmp_path)
+    local_ray.deploy_config(
+        app_config("swap", args, {"student_version": new, "threshold": 0.3}), tmp_path
+    )
     wait_for(lambda: client.models().threshold == 0.3, timeout_s=60)
     models = client.models()
     assert models.student.version == new and models.swap.swaps == 1

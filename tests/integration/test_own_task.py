@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import wait_for
+from conftest import app_config, wait_for
 from ticket_task import LABELS, build_ticket_task, tickets
 
 from distill.config import DistillConfig
@@ -19,20 +19,6 @@ from serving.escalation_log import iter_records
 from serving.registry import Registry
 
 pytestmark = pytest.mark.integration
-
-
-def app(args: dict, user_config: dict) -> dict:
-    return {
-        "applications": [
-            {
-                "name": "tickets",
-                "route_prefix": "/tickets",
-                "import_path": "serving.app:build_app",
-                "args": args,
-                "deployments": [{"name": "Gateway", "user_config": user_config}],
-            }
-        ]
-    }
 
 
 def served_escalation(url: str, texts: list[str]) -> float:
@@ -55,7 +41,7 @@ def test_init_serve_distil_gate_and_swap_on_a_three_label_task(serve_cluster, tm
     args = serve_config["applications"][0]["args"]
     assert args["cascade"]["audit_fraction"] == 0.5
     args.update(log={"dir": args["log"]["dir"], "fsync_interval_s": 0.2}, torch_threads=1)
-    local_ray.deploy_config(app(args, {}), Path.cwd())
+    local_ray.deploy_config(app_config("tickets", args, {}), Path.cwd())
     url = f"http://127.0.0.1:{serve_cluster}/tickets"
     client = ProtegeClient(url, timeout=60)
     client.wait_ready(120)
@@ -89,7 +75,7 @@ def test_init_serve_distil_gate_and_swap_on_a_three_label_task(serve_cluster, tm
     candidate = report["candidate"]
     assert registry.current() == candidate
 
-    local_ray.deploy_config(app(args, {"student_version": candidate}), Path.cwd())
+    local_ray.deploy_config(app_config("tickets", args, {"student_version": candidate}), Path.cwd())
     wait_for(lambda: client.models().student.version == candidate, timeout_s=120)
     models = client.models()
     assert models.threshold == pytest.approx(decision["candidate"]["threshold"])
