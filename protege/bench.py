@@ -20,6 +20,7 @@ from protege import bbc
 from protege.default_models import build_defaults
 from protege.gateway_process import load_serve_config, running_gateway
 from protege.traffic import Run, send
+from serving.access import steering_key
 from serving.client import ProtegeClient
 from serving.schemas import Tier
 
@@ -43,7 +44,7 @@ def _row(name: str, run: Run, gold: list[str], inputs_per_request: int = 1) -> d
 
 
 def _scenarios(
-    url: str, texts: list[str], gold: list[str], concurrency: int, tag: str
+    url: str, key: str, texts: list[str], gold: list[str], concurrency: int, tag: str
 ) -> list[dict[str, Any]]:
     rows = []
     plan: list[tuple[str, Tier | None, int]] = [
@@ -53,8 +54,9 @@ def _scenarios(
         ("student-only, 32 inputs/request", "student", 32),
     ]
     for name, tier, batch in plan:
-        send(url, texts[: concurrency * 2], concurrency=concurrency, force_tier=tier)  # warm up
-        run = send(url, texts, concurrency=concurrency, force_tier=tier, batch=batch)
+        warm_up = texts[: concurrency * 2]
+        send(url, warm_up, concurrency=concurrency, force_tier=tier, api_key=key)
+        run = send(url, texts, concurrency=concurrency, force_tier=tier, batch=batch, api_key=key)
         rows.append(_row(f"{name} ({tag})", run, gold, batch) | {"stack": tag})
     return rows
 
@@ -95,14 +97,19 @@ def run_bench(
     pool = bbc.read_split(cache / "data", "holdout") + bbc.read_split(cache / "data", "stream")
     examples = [pool[i % len(pool)] for i in range(requests)]
     texts, gold = [e.text for e in examples], [e.label for e in examples]
+    key, keys_file = steering_key(out.resolve())  # the rows that force a tier use it
     config = load_serve_config(
-        config_path, cache, cascade={"audit_fraction": 0.0}, log={"dir": str(out / "escalations")}
+        config_path,
+        cache,
+        cascade={"audit_fraction": 0.0},
+        log={"dir": str(out / "escalations")},
+        access={"keys_file": str(keys_file)},
     )
     rows = [_plain_uvicorn(cache, texts, gold, concurrency)]
     for mode in ["proxy", "haproxy"] if ingress == "both" else [ingress]:
         began = time.perf_counter()
         with running_gateway(config, port=BENCH_PORT, ingress=mode) as url:  # type: ignore[arg-type]
-            rows += _scenarios(url, texts, gold, concurrency, f"Serve, {mode}")
+            rows += _scenarios(url, key, texts, gold, concurrency, f"Serve, {mode}")
         print(
             f"{mode}: whole stack up, measured and shut down in {time.perf_counter() - began:.0f} s"
         )

@@ -27,6 +27,7 @@ from protege.bbc import sample
 from protege.default_models import build_defaults
 from protege.gateway_process import load_serve_config, running_gateway, with_student
 from serving import local_ray, meanpool
+from serving.access import steering_key
 from serving.client import ProtegeClient
 from serving.manifest import read_manifest, weights_digest, write_manifest
 from serving.registry import Registry
@@ -78,13 +79,15 @@ def _perturbed_copy(registry: Registry, version: str) -> str:
     return registry.publish(staging)
 
 
-def _load(url: str, seconds: float, texts: list[str], clients: int = 8) -> tuple[list[float], int]:
+def _load(
+    url: str, key: str, seconds: float, texts: list[str], clients: int = 8
+) -> tuple[list[float], int]:
     latencies: list[float] = []
     failures = [0]
     stop = time.monotonic() + seconds
 
     def worker(offset: int) -> None:
-        with ProtegeClient(url, timeout=30, retries=0) as client:
+        with ProtegeClient(url, api_key=key, timeout=30, retries=0) as client:
             i = offset
             while time.monotonic() < stop:
                 began = time.perf_counter()
@@ -125,22 +128,24 @@ def _swap_latency(
     seed = registry.import_folder(cache / "models" / "student")
     registry.promote(seed)
     other = _perturbed_copy(registry, seed)
+    key, keys_file = steering_key(out.resolve())  # the load forces the student tier
     config = load_serve_config(
         config_path,
         cache,
         registry=str(registry.root),
         log={"dir": str(out / "escalations")},
         cascade={"audit_fraction": 0.0},
+        access={"keys_file": str(keys_file)},
     )
     texts = [e.text for e in bbc.read_split(cache / "data", "holdout")]
     with running_gateway(config, port=PORT) as url:
-        steady = _load(url, seconds, texts)
+        steady = _load(url, key, seconds, texts)
         swaps: list[float] = []
 
         def swapper() -> None:
             versions = [other, seed]
             deadline = time.monotonic() + seconds
-            with ProtegeClient(url) as client:
+            with ProtegeClient(url, api_key=key) as client:
                 while time.monotonic() < deadline - 4:
                     target = versions[len(swaps) % 2]
                     began = time.perf_counter()
@@ -151,7 +156,7 @@ def _swap_latency(
 
         thread = threading.Thread(target=swapper)
         thread.start()
-        swapping = _load(url, seconds, texts)
+        swapping = _load(url, key, seconds, texts)
         thread.join()
     rows = [
         _latency_row("steady state", *steady, seconds),

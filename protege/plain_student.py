@@ -31,7 +31,7 @@ def create_app(folder: Path, scorer: str = "max_prob") -> FastAPI:
     @app.post("/v1/classify")
     async def classify(request: ClassifyRequest) -> ClassifyResponse:
         async with lock:
-            prediction = model.predict(request.inputs)
+            prediction = model.predict(request.texts)
         decision = decide(prediction.probs, scorer, 0.0, "student")
         outputs = [
             make_output(

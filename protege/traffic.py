@@ -32,13 +32,20 @@ class Run:
 
 
 async def _send_all(
-    url: str, texts: list[str], concurrency: int, force_tier: Tier | None, batch: int
+    url: str,
+    texts: list[str],
+    concurrency: int,
+    force_tier: Tier | None,
+    batch: int,
+    api_key: str | None,
 ) -> Run:
     run = Run(outputs=[None] * len(texts), latency_s=[], tiers=[])
     queue: asyncio.Queue[int] = asyncio.Queue()
     for start in range(0, len(texts), batch):
         queue.put_nowait(start)
-    async with AsyncProtegeClient(url, timeout=120, max_connections=concurrency) as client:
+    async with AsyncProtegeClient(
+        url, api_key=api_key, timeout=120, max_connections=concurrency
+    ) as client:
 
         async def worker() -> None:
             while not queue.empty():
@@ -67,6 +74,7 @@ def send(
     concurrency: int = 8,
     force_tier: Tier | None = None,
     batch: int = 1,
+    api_key: str | None = None,
 ) -> Run:
     """Send every text (``batch`` per request) over ``concurrency`` connections."""
-    return asyncio.run(_send_all(url, texts, concurrency, force_tier, batch))
+    return asyncio.run(_send_all(url, texts, concurrency, force_tier, batch, api_key))

@@ -1,7 +1,7 @@
 """A small typed client for the protege HTTP API (sync and async), on httpx.
 
     from serving.client import ProtegeClient
-    with ProtegeClient("http://127.0.0.1:8000") as client:
+    with ProtegeClient("http://127.0.0.1:8000", api_key=None) as client:  # or your key
         result = client.classify(["Shares slide as oil prices jump"])
         print(result.outputs[0].label, result.outputs[0].tier)
 
@@ -46,6 +46,10 @@ def _headers(request_id: str | None) -> dict[str, str]:
     return {"x-request-id": request_id} if request_id else {}
 
 
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _checked(response: httpx.Response) -> Any:
     if response.is_success:
         return response.json()
@@ -58,9 +62,15 @@ def _checked(response: httpx.Response) -> Any:
 
 class ProtegeClient:
     def __init__(
-        self, base_url: str, *, timeout: float = 30.0, retries: int = 4, backoff_s: float = 0.2
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff_s: float = 0.2,
     ) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=_auth(api_key))
         self.retries, self.backoff_s = retries, backoff_s
 
     def classify(
@@ -124,6 +134,7 @@ class AsyncProtegeClient:
         self,
         base_url: str,
         *,
+        api_key: str | None = None,
         timeout: float = 30.0,
         retries: int = 4,
         backoff_s: float = 0.2,
@@ -132,7 +143,9 @@ class AsyncProtegeClient:
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits)
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, limits=limits, headers=_auth(api_key)
+        )
         self.retries, self.backoff_s = retries, backoff_s
 
     async def classify(

@@ -90,8 +90,54 @@ class BatchingConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
+    """Checked before any model work: the body size as its bytes arrive (413), then the
+    request schema, which carries the other two (422); the OpenAPI schema states all three."""
+
     max_inputs: PositiveInt = Field(default=DEFAULT_MAX_INPUTS, description="Inputs per request")
     max_chars: PositiveInt = Field(default=DEFAULT_MAX_CHARS, description="Characters per input")
+    max_body_bytes: PositiveInt | None = Field(
+        default=None,
+        description="Request body bytes; by default what the largest valid request needs "
+        "(every character escaped as \\uXXXX, plus room for the other fields)",
+    )
+
+    @property
+    def body_bytes(self) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return self.max_inputs * (self.max_chars * 6 + 4) + 4096
+
+
+class AccessConfig(_Strict):
+    """API keys for inference. With no key file and no key variable set, authentication is
+    off (for local runs; the start-up log says so)."""
+
+    keys_file: Path | None = Field(
+        default=None, description="YAML or JSON list of {name, sha256, overrides} (hashed keys)"
+    )
+    keys_env: str = Field(
+        default="PROTEGE_API_KEYS",
+        description="Environment variable holding the same list as JSON (a Kubernetes Secret)",
+    )
+    anonymous_overrides: bool = Field(
+        default=False,
+        description="With authentication off, whether clients may send force_tier or threshold",
+    )
+
+
+class OverloadConfig(_Strict):
+    """Bounds that keep the student path fast when the teacher is slow or traffic spikes."""
+
+    teacher_max_in_flight: PositiveInt = Field(
+        default=64,
+        description="Escalated inputs waiting on the teacher at once per replica; beyond it an "
+        "escalated input gets the student's answer at once, marked degraded (the bulkhead)",
+    )
+    audits_max_in_flight: PositiveInt = Field(
+        default=16,
+        description="Online audits waiting on the teacher per replica; beyond it audits are "
+        "dropped and counted",
+    )
 
 
 class LogConfig(_Strict):
@@ -106,6 +152,8 @@ class GatewayConfig(_Strict):
     cascade: CascadeConfig = CascadeConfig()
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
+    access: AccessConfig = AccessConfig()
+    overload: OverloadConfig = OverloadConfig()
     log: LogConfig = LogConfig()
     teacher_timeout_s: PositiveFloat = Field(
         default=10.0, description="After this, answer with the student and degraded=true"

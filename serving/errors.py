@@ -8,23 +8,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from serving.access import AccessError
+from serving.schemas import MANY, NOT_BLANK, ONE
 
-class InputError(ValueError):
-    """A request the gateway refuses; ``field`` names what to fix."""
-
-    def __init__(self, field: str, message: str, status_code: int = 422) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.status_code = status_code
+HIDDEN_LOCATION_PARTS = {"body", MANY, ONE}  # where it came from, and the inputs' shape tags
 
 
 def _describe(error: dict[str, Any]) -> str:
-    location = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+    parts = [str(p) for p in error.get("loc", ()) if p not in HIDDEN_LOCATION_PARTS]
+    location = ".".join(parts) or "body"
     message = error.get("msg", "invalid")
     if error.get("type") == "json_invalid":
         return 'body: not valid JSON; send a JSON object such as {"inputs": ["some text"]}'
     if error.get("type") == "extra_forbidden":
         return f"{location}: unknown field; allowed fields are inputs, threshold, force_tier"
+    if (
+        error.get("type") == "string_pattern_mismatch"
+        and error.get("ctx", {}).get("pattern") == NOT_BLANK
+    ):
+        return f"{location}: is only whitespace; send some text"
     given = error.get("input")
     shown = "" if isinstance(given, dict) or given is None else f" (got {given!r:.80})"
     return f"{location}: {message}{shown}"
@@ -38,6 +40,6 @@ def install_error_handlers(app: FastAPI) -> None:
         messages = [_describe(e) for e in errors]
         return JSONResponse(status_code=status, content={"error": "; ".join(messages)})
 
-    @app.exception_handler(InputError)
-    async def _input(_: Request, exc: InputError) -> JSONResponse:
+    @app.exception_handler(AccessError)
+    async def _access(_: Request, exc: AccessError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"error": str(exc)})

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -88,8 +88,20 @@ class EscalationRecord(BaseModel):
         return self.inclusion_probability is not None
 
 
+@dataclass
+class _Segment:
+    path: Path
+    fd: int
+    size: int = 0
+
+
 class EscalationLogWriter:
-    """Appends records to this writer's own rotating segment files (thread-safe)."""
+    """Appends records to this writer's own rotating segment files (thread-safe).
+
+    Each append is one or more ``os.write`` calls of whole lines on the segment's file
+    descriptor (no user-space buffer: what ``append`` returned from is in the kernel). A
+    write that fails part-way (a full disk) is truncated back to the last whole line, so a
+    failed append leaves no partial record behind it."""
 
     def __init__(
         self,
@@ -106,7 +118,7 @@ class EscalationLogWriter:
         self._max_bytes = max_segment_bytes
         self._lock = threading.Lock()
         self._sequence = 0
-        self._file = self._open_segment()
+        self._segment = self._open_segment()
         self._dirty = False
         self._closed = threading.Event()
         self.records_written = 0
@@ -119,20 +131,19 @@ class EscalationLogWriter:
 
     @property
     def current_segment(self) -> Path:
-        return Path(self._file.name)
+        return self._segment.path
 
     def append(self, records: list[EscalationRecord]) -> None:
-        """Write records as whole lines and flush them to the kernel before returning."""
+        """Write records as whole lines, in the kernel before returning."""
         if not records:
             return
         payload = "".join(r.model_dump_json() + "\n" for r in records).encode()
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("escalation log writer is closed")
-            if self._file.tell() > 0 and self._file.tell() + len(payload) > self._max_bytes:
+            if self._segment.size > 0 and self._segment.size + len(payload) > self._max_bytes:
                 self._rotate()
-            self._file.write(payload)
-            self._file.flush()
+            _write_whole(self._segment, payload)
             self._dirty = True
             self.records_written += len(records)
             self.bytes_written += len(payload)
@@ -143,9 +154,9 @@ class EscalationLogWriter:
         The fsync runs on a duplicate of the file descriptor, outside the append lock, so a
         slow disk never holds up an append (and so a request)."""
         with self._lock:
-            if not self._dirty or self._file.closed:
+            if not self._dirty or self._closed.is_set():
                 return
-            fd = os.dup(self._file.fileno())
+            fd = os.dup(self._segment.fd)
             self._dirty = False
         try:
             os.fsync(fd)
@@ -157,36 +168,52 @@ class EscalationLogWriter:
             os.close(fd)
 
     def close(self) -> None:
-        """Flush, fsync and close; idempotent."""
+        """fsync and close; idempotent."""
         with self._lock:
             if self._closed.is_set():
                 return
             self._closed.set()
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            try:
+                os.fsync(self._segment.fd)
+            finally:
+                os.close(self._segment.fd)
         self._syncer.join(timeout=5)
 
-    def _open_segment(self) -> BinaryIO:
+    def _open_segment(self) -> _Segment:
         self._sequence += 1
         path = self.directory / f"{self._prefix}-{self._sequence:06d}.jsonl"
-        handle = open(path, "ab")  # noqa: SIM115 - owned by the writer until close()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         _fsync_directory(self.directory)  # the new name survives a machine crash
-        return handle
+        return _Segment(path, fd, os.fstat(fd).st_size)
 
     def _rotate(self) -> None:
         """The new segment opens first: if that fails, the old one stays open and usable."""
         fresh = self._open_segment()
-        old, self._file = self._file, fresh
-        old.flush()
-        os.fsync(old.fileno())
-        old.close()
+        old, self._segment = self._segment, fresh
+        try:
+            os.fsync(old.fd)
+        finally:
+            os.close(old.fd)
         self.rotations += 1
 
     def _sync_loop(self, interval: float) -> None:
         while not self._closed.wait(interval):
             with contextlib.suppress(OSError, ValueError):  # closed during shutdown
                 self.sync()
+
+
+def _write_whole(segment: _Segment, payload: bytes) -> None:
+    """All of ``payload`` at the segment's end, or nothing (a partial write is cut off)."""
+    done = 0
+    try:
+        while done < len(payload):
+            done += os.write(segment.fd, payload[done:])
+    except OSError:
+        if done:
+            with contextlib.suppress(OSError):
+                os.ftruncate(segment.fd, segment.size)
+        raise
+    segment.size += len(payload)
 
 
 def _fsync_directory(directory: Path) -> None:

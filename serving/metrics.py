@@ -52,8 +52,20 @@ SPECS = [
     Spec(
         "protege_teacher_failures",
         "counter",
-        "Teacher calls that failed or timed out (their inputs are answered degraded)",
+        "Teacher calls that failed (error), timed out (timeout) or were not made because the "
+        "request's deadline had passed (deadline); their inputs are answered degraded",
         ("kind",),
+    ),
+    Spec(
+        "protege_teacher_shed",
+        "counter",
+        "Escalated inputs answered by the student at once, degraded, because the teacher "
+        "bulkhead was full (overload.teacher_max_in_flight)",
+    ),
+    Spec(
+        "protege_audits_dropped",
+        "counter",
+        "Online audits dropped because overload.audits_max_in_flight were waiting",
     ),
     Spec(
         "protege_confidence",

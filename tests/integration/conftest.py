@@ -2,13 +2,30 @@
 
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from polling import wait_for  # noqa: F401 - re-exported for the integration tests
 
+from serving.access import steering_key
 from serving.client import ProtegeClient
+
+_STEERING: tuple[str, Path] | None = None
+
+
+def steering() -> tuple[str, Path]:
+    """The session's API key (allowed the routing overrides) and the key file that holds it:
+    every test gateway requires a key, so authentication is on in every integration test."""
+    global _STEERING
+    if _STEERING is None:
+        _STEERING = steering_key(Path(tempfile.mkdtemp(prefix="protege-keys-")))
+    return _STEERING
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {steering()[0]}"}
 
 
 def free_port() -> int:
@@ -51,7 +68,8 @@ def deploy(serve_cluster) -> Iterator[Callable[[str, dict], ProtegeClient]]:
     def _deploy(name: str, config: dict) -> ProtegeClient:
         serve.run(build_app(config), name=name, route_prefix=f"/{name}")
         names.append(name)
-        client = ProtegeClient(f"http://127.0.0.1:{serve_cluster}/{name}", timeout=60)
+        url = f"http://127.0.0.1:{serve_cluster}/{name}"
+        client = ProtegeClient(url, api_key=steering()[0], timeout=60)
         client.wait_ready(120)
         return client
 
@@ -69,6 +87,7 @@ def tiny_config(tiny_pair: tuple[Path, Path], log_dir: Path, **overrides) -> dic
         "log": {"dir": str(log_dir), "fsync_interval_s": 0.2},
         "limits": {"max_inputs": 8, "max_chars": 300},
         "torch_threads": 1,
+        "access": {"keys_file": str(steering()[1])},
     }
     config.update(overrides)
     return config

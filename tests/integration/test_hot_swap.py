@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import app_config, tiny_config, wait_for
+from conftest import app_config, steering, tiny_config, wait_for
 from ray import serve
 from tiny_models import build_tiny
 
@@ -39,7 +39,7 @@ class Load:
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def _run(self) -> None:
-        with ProtegeClient(self.url, timeout=30, retries=0) as client:
+        with ProtegeClient(self.url, api_key=steering()[0], timeout=30, retries=0) as client:
             while not self.stop.is_set():
                 try:
                     out = client.classify("Striker scores twice in cup final", force_tier="student")
@@ -69,7 +69,7 @@ def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
     args["student_loader"] = "gated_loader:load"
     local_ray.deploy_config(app_config("swap", args, {}), tmp_path)
     url = f"http://127.0.0.1:{serve_cluster}/swap"
-    client = ProtegeClient(url, timeout=60)
+    client = ProtegeClient(url, api_key=steering()[0], timeout=60)
     client.wait_ready(120)
     assert client.models().student.version == old
 

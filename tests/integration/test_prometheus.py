@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, tiny_config, wait_for
+from conftest import auth, free_port, steering, tiny_config, wait_for
 from ray import serve
 from tiny_models import LABELS, build_tiny
 
@@ -153,7 +153,7 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
     }
     local_ray.deploy_config(app, tmp)
     url = f"http://127.0.0.1:{serve_cluster}/{APP}"
-    with ProtegeClient(url, timeout=60) as client:
+    with ProtegeClient(url, api_key=steering()[0], timeout=60) as client:
         client.wait_ready(120)
         for i in range(10):
             client.classify(f"student headline {i}", force_tier="student")
@@ -165,7 +165,7 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
             {"inputs": ["x" * 301]},
             {"inputs": ["a"] * 9},
         ):
-            assert httpx.post(f"{url}/v1/classify", json=body).status_code == 422
+            assert httpx.post(f"{url}/v1/classify", json=body, headers=auth()).status_code == 422
         local_ray.deploy_config(with_student(app, second), tmp)
         wait_for(lambda: client.models().student.version == second, timeout_s=60)
     # a teacher that always times out: degraded answers and teacher failures
@@ -174,7 +174,7 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
         name=f"{APP}-degraded",
         route_prefix=f"/{APP}-degraded",
     )
-    with ProtegeClient(f"{url}-degraded", timeout=60) as degraded:
+    with ProtegeClient(f"{url}-degraded", api_key=steering()[0], timeout=60) as degraded:
         degraded.wait_ready(120)
         assert all(o.degraded for o in degraded.classify(["one", "two"], threshold=1.0).outputs)
     runs = tmp / "runs"

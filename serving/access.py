@@ -1,0 +1,145 @@
+"""API keys for inference: who may classify, and who may steer the routing.
+
+Keys are stored as SHA-256 hashes (a key is 32 random bytes, so a plain hash is enough: there
+is nothing to guess), read from a YAML/JSON file or an environment variable (a Kubernetes
+Secret), and every stored hash is compared in constant time on every request, so neither
+the answer nor its timing says which keys exist. With no keys configured, authentication is
+off (local runs) and the start-up log says so.
+
+``protege keys new NAME [--overrides]`` makes a key and prints the entry to store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from serving.config import AccessConfig
+
+KEY_PREFIX = "pk_"
+
+
+class StoredKey(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, description="Who holds it (for the logs)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key")
+    overrides: bool = Field(default=False, description="May send force_tier and threshold")
+
+
+_KEYS = TypeAdapter(list[StoredKey])
+
+
+class AccessError(Exception):
+    """A refused request: 401 (no or unknown key) or 403 (the key may not do this)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str  # "anonymous" when authentication is off
+    overrides: bool
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(name: str, overrides: bool = False) -> tuple[str, StoredKey]:
+    """A fresh key (give it to the client) and its stored entry (put it in the key file)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, StoredKey(name=name, sha256=hash_key(key), overrides=overrides)
+
+
+def load_keys(config: AccessConfig) -> list[StoredKey]:
+    """The configured keys (file first, then the environment variable); [] means auth off."""
+    keys: list[StoredKey] = []
+    try:
+        if config.keys_file is not None:
+            keys += _KEYS.validate_python(yaml.safe_load(config.keys_file.read_text()) or [])
+        if os.environ.get(config.keys_env):
+            keys += _KEYS.validate_python(json.loads(os.environ[config.keys_env]))
+    except (OSError, ValueError, ValidationError) as exc:
+        source = config.keys_file or f"${config.keys_env}"
+        raise ValueError(f"API keys in {source} cannot be read: {exc}") from None
+    return keys
+
+
+class Gatekeeper:
+    """Checks the ``Authorization`` header against the stored keys."""
+
+    def __init__(self, keys: list[StoredKey], anonymous_overrides: bool = False) -> None:
+        self._keys = list(keys)
+        self._anonymous = Caller("anonymous", anonymous_overrides)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def describe(self) -> str:
+        if self.enabled:
+            allowed = sum(k.overrides for k in self._keys)
+            return f"API keys required ({len(self._keys)} keys, {allowed} may steer the routing)"
+        steering = "allowed" if self._anonymous.overrides else "refused"
+        return f"authentication OFF: any client may classify (routing overrides {steering})"
+
+    def caller(self, authorization: str | None) -> Caller:
+        if not self.enabled:
+            return self._anonymous
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AccessError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
+        digest = hash_key(token.strip())
+        match = None
+        for key in self._keys:  # no early exit: the time taken does not depend on the match
+            if hmac.compare_digest(digest, key.sha256):
+                match = key
+        if match is None:
+            raise AccessError(401, "API key not recognised")
+        return Caller(match.name, match.overrides)
+
+    @staticmethod
+    def check_overrides(caller: Caller, fields: list[str]) -> None:
+        if fields and not caller.overrides:
+            raise AccessError(
+                403,
+                f"this API key may not use routing overrides ({', '.join(fields)}); "
+                "leave them out, or ask for a key with overrides allowed",
+            )
+
+
+def gatekeeper(config: AccessConfig) -> Gatekeeper:
+    return Gatekeeper(load_keys(config), config.anonymous_overrides)
+
+
+def write_entry(path: Path, entry: StoredKey) -> None:
+    """Add ``entry`` to a key file (created if missing), refusing a duplicate name."""
+    existing = (
+        _KEYS.validate_python(yaml.safe_load(path.read_text()) or []) if path.exists() else []
+    )
+    if any(k.name == entry.name for k in existing):
+        raise ValueError(f"{path} already holds a key named {entry.name!r}")
+    rows = [k.model_dump() for k in [*existing, entry]]
+    path.write_text(yaml.safe_dump(rows, sort_keys=False))
+
+
+def steering_key(folder: Path, name: str = "local-steering") -> tuple[str, Path]:
+    """A fresh key allowed the routing overrides, stored (hashed) in ``folder/api-keys.yaml``:
+    for benchmarks and tests that force a tier on a gateway of their own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "api-keys.yaml"
+    path.unlink(missing_ok=True)
+    key, entry = new_key(name, overrides=True)
+    write_entry(path, entry)
+    return key, path

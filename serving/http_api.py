@@ -1,0 +1,140 @@
+"""The HTTP API of a gateway replica: thin routes over the replica, behind the guard.
+
+Built per replica (``Gateway.__serve_build_asgi_app__``) because its schema carries the
+configured limits, and its OpenAPI document lists every answer a route gives, with its body.
+No ``from __future__ import annotations`` here: FastAPI reads the route signatures, and the
+request model is made at run time.
+"""
+
+import time
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, Field
+
+from serving.access import Caller, Gatekeeper
+from serving.config import LimitsConfig
+from serving.errors import install_error_handlers
+from serving.guard import Guard
+from serving.schemas import ClassifyResponse, ErrorBody, ModelsResponse, request_model
+from serving.service import Answer, Routing
+
+MAX_TIMEOUT_MS = 600_000
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="'ready' or 'not ready'")
+    reason: str | None = Field(default=None, description="Why not ready")
+    student: str | None = None
+    teacher: str | None = None
+
+
+class Backend(Protocol):
+    """What the routes need from the replica."""
+
+    async def classify(self, texts: list[str], request_id: str, routing: Routing) -> Answer: ...
+
+    async def models(self) -> ModelsResponse: ...
+
+    async def readiness(self) -> Readiness: ...
+
+    def request_id(self, given: str | None) -> str: ...
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+def classify_responses(limits: LimitsConfig, auth: bool) -> dict[int | str, dict[str, Any]]:
+    responses: dict[int | str, dict[str, Any]] = {
+        400: _error("The body is not JSON"),
+        413: _error(f"The body is larger than {limits.body_bytes} bytes"),
+        422: _error(
+            f"The body breaks the schema: 1 to {limits.max_inputs} texts of 1 to "
+            f"{limits.max_chars} characters, not only whitespace; a bad header"
+        ),
+        503: _error("Overloaded: the replica's queue is full; retry after Retry-After seconds"),
+    }
+    responses[403] = _error("Routing overrides (force_tier, threshold) are not allowed")
+    if auth:
+        responses[401] = _error("No API key, or one that is not recognised")
+    return responses
+
+
+def build_api(
+    backend: Backend, limits: LimitsConfig, gatekeeper: Gatekeeper, on_reject: Any
+) -> FastAPI:
+    api = FastAPI(
+        title="protege",
+        summary="A student answers; the unsure inputs escalate to the teacher.",
+        version="1",
+    )
+    install_error_handlers(api)
+    body_model = request_model(limits.max_inputs, limits.max_chars)
+    # documents the key (the guard checks it before the body is read)
+    auth = [Depends(HTTPBearer(auto_error=False))] if gatekeeper.enabled else []
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @api.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+    async def readyz() -> Any:
+        state = await backend.readiness()
+        return JSONResponse(state.model_dump(), status_code=200 if state.status == "ready" else 503)
+
+    models_responses: dict[int | str, dict[str, Any]] = {
+        503: _error("The teacher is not reachable")
+    }
+    if gatekeeper.enabled:
+        models_responses[401] = _error("No API key, or one that is not recognised")
+
+    @api.get(
+        "/v1/models", response_model=ModelsResponse, dependencies=auth, responses=models_responses
+    )
+    async def models() -> Any:
+        try:
+            return await backend.models()
+        except Exception as exc:  # the teacher is not up (yet)
+            return JSONResponse({"error": f"teacher unavailable: {exc!r:.200}"}, status_code=503)
+
+    @api.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        dependencies=auth,
+        responses=classify_responses(limits, gatekeeper.enabled),
+    )
+    async def classify(
+        body: body_model,  # type: ignore[valid-type]
+        request: Request,
+        response: Response,
+        x_request_id: Annotated[str | None, Header(max_length=128)] = None,
+        x_protege_timeout_ms: Annotated[
+            int | None,
+            Header(
+                ge=1,
+                le=MAX_TIMEOUT_MS,
+                description="The most this client waits, in ms: the teacher is waited on only "
+                "while time is left, then the student's answer is returned, marked degraded",
+            ),
+        ] = None,
+    ) -> ClassifyResponse:
+        caller: Caller = request.scope["state"]["caller"]
+        gatekeeper.check_overrides(caller, body.overrides)  # type: ignore[attr-defined]
+        deadline = None
+        if x_protege_timeout_ms is not None:
+            deadline = time.monotonic() + x_protege_timeout_ms / 1000
+        routing = Routing(body.threshold, body.force_tier, deadline)  # type: ignore[attr-defined]
+        request_id = backend.request_id(x_request_id)
+        answer = await backend.classify(body.texts, request_id, routing)  # type: ignore[attr-defined]
+        if len(answer.outputs) == 1:
+            response.headers["x-protege-tier"] = answer.outputs[0].tier
+            response.headers["x-protege-model-version"] = answer.outputs[0].model_version
+        return ClassifyResponse(request_id=request_id, outputs=answer.outputs, logged=answer.logged)
+
+    api.add_middleware(
+        Guard, gatekeeper=gatekeeper, max_body_bytes=limits.body_bytes, on_reject=on_reject
+    )
+    return api

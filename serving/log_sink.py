@@ -1,0 +1,79 @@
+"""The replica's side of the escalation log: writes off the event loop, and never a failed
+request because of the disk.
+
+An unusable folder (missing, unwritable, full) is counted, alerted on and tried again every
+few seconds; serving goes on, and the response says its records were not logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Protocol
+
+from serving.config import LogConfig
+from serving.escalation_log import EscalationLogWriter, EscalationRecord
+
+logger = logging.getLogger("ray.serve")
+RETRY_S = 5.0  # how often an unusable log folder is tried again
+
+
+class LogMetrics(Protocol):
+    def inc(self, name: str, value: float = 1.0, **tags: str) -> None: ...
+
+    def log_written(self, records: int, size: int, rotations: int) -> None: ...
+
+
+class LogSink:
+    def __init__(self, config: LogConfig, writer_id: str, metrics: LogMetrics) -> None:
+        self.config = config
+        self.writer_id = writer_id
+        self.metrics = metrics
+        self.writer: EscalationLogWriter | None = None
+        self._retry_at = 0.0
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self.writer = EscalationLogWriter(
+                self.config.dir,
+                writer_id=self.writer_id,
+                max_segment_bytes=self.config.max_segment_bytes,
+                fsync_interval_s=self.config.fsync_interval_s,
+            )
+        except OSError as exc:
+            self._retry_at = time.monotonic() + RETRY_S
+            self.metrics.inc("protege_log_write_errors")
+            logger.error("escalation log folder unusable, serving on without it: %s", exc)
+
+    async def write(self, records: list[EscalationRecord]) -> bool:
+        """Append ``records`` (flushed to the kernel) off the event loop; False when they
+        could not be written (counted and alerted; the caller answers anyway)."""
+        if not records:
+            return True
+        if self.writer is None and time.monotonic() >= self._retry_at:
+            self._open()
+        writer = self.writer
+        if writer is None:
+            self.metrics.inc("protege_log_write_errors")
+            return False
+        before = (writer.bytes_written, writer.rotations)
+        try:
+            await asyncio.to_thread(writer.append, records)
+        except Exception:
+            self.metrics.inc("protege_log_write_errors")
+            logger.exception("escalation log write failed for %d records", len(records))
+            self.writer, self._retry_at = None, time.monotonic() + RETRY_S
+            with contextlib.suppress(Exception):
+                writer.close()
+            return False
+        self.metrics.log_written(
+            len(records), writer.bytes_written - before[0], writer.rotations - before[1]
+        )
+        return True
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
