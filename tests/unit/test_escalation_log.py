@@ -294,3 +294,86 @@ def test_a_failed_rotation_keeps_the_old_segment_writable(tmp_path, monkeypatch)
     writer.append([record(3)])  # the writer still works once the disk does
     writer.close()
     assert [r.record_id for r in iter_records(tmp_path)] == ["rec1", "rec3"]
+
+
+def test_a_write_that_fails_part_way_is_truncated_back(tmp_path, monkeypatch):
+    writer = EscalationLogWriter(tmp_path, fsync_interval_s=3600)
+    writer.append([record(1)])
+    before = writer.current_segment.read_bytes()
+    real_write = os.write
+    calls = []
+
+    def half_then_full_disk(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, data[: len(data) // 2])  # the disk takes half
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        writer.append([record(2), record(3)])
+    monkeypatch.setattr(os, "write", real_write)
+    assert writer.current_segment.read_bytes() == before  # no half record left behind
+    writer.append([record(4)])
+    writer.close()
+    stats = ReadStats()
+    assert [r.record_id for r in iter_records(tmp_path, stats)] == ["rec1", "rec4"]
+    assert stats.skipped_lines == 0
+
+
+TORN_WRITER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+from test_escalation_log import record
+from serving.escalation_log import EscalationLogWriter
+
+real_write = os.write
+def slow_halves(fd, data):  # each line reaches the kernel in two writes, far apart
+    half = len(data) // 2
+    done = real_write(fd, data[:half])
+    open({marker!r}, "a").write("half\\n")
+    time.sleep(0.5)
+    return done + real_write(fd, data[half:])
+
+writer = EscalationLogWriter({folder!r}, fsync_interval_s=3600)
+writer.append([record(1), record(2)])
+os.write = slow_halves
+i = 3
+while True:
+    writer.append([record(i)])
+    i += 1
+"""
+
+
+def test_a_line_torn_by_a_real_kill_is_skipped_and_counted(tmp_path):
+    """A writer process is killed with SIGKILL between the two halves of a line: the reader
+    returns every whole record once and counts the torn tail."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    marker, folder = tmp_path / "marker", tmp_path / "log"
+    here = Path(__file__).resolve()
+    script = TORN_WRITER.format(
+        root=str(here.parents[2]), tests=str(here.parent), marker=str(marker), folder=str(folder)
+    )
+    child = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while (
+            not marker.exists() or marker.read_text().count("half") < 2
+        ) and child.poll() is None:
+            assert time.monotonic() < deadline, "the writer never got going"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)  # mid-line: the second half never comes
+    finally:
+        child.kill()
+        child.wait(30)
+    assert child.returncode == -signal.SIGKILL
+    stats = ReadStats()
+    ids = [r.record_id for r in iter_records(folder, stats)]
+    assert ids[:3] == ["rec1", "rec2", "rec3"] and len(ids) == len(set(ids))
+    assert stats.skipped_lines == 1 and "torn line" in stats.skipped_reasons[0]

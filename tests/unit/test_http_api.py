@@ -1,0 +1,193 @@
+"""The HTTP layer in process (no Ray): the guard, the limits in the schema, 401/403/413/422,
+every refusal counted, and an OpenAPI document that states all of it."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from serving.access import Gatekeeper, new_key
+from serving.config import LimitsConfig
+from serving.http_api import Readiness, build_api
+from serving.schemas import ClassifyOutput
+from serving.service import Answer, Routing
+
+LIMITS = LimitsConfig(max_inputs=2, max_chars=10, max_body_bytes=400)
+PLAIN, PLAIN_ENTRY = new_key("plain")
+STEER, STEER_ENTRY = new_key("steer", overrides=True)
+
+
+class Backend:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], Routing]] = []
+
+    async def classify(self, texts: list[str], request_id: str, routing: Routing) -> Answer:
+        self.calls.append((texts, routing))
+        output = ClassifyOutput(
+            label="a",
+            probabilities={"a": 1.0},
+            confidence=1.0,
+            tier="student",
+            model_version="s1",
+            escalated=False,
+        )
+        return Answer([output] * len(texts), None)
+
+    async def models(self):  # noqa: ANN201 - never reached in these tests
+        raise RuntimeError("teacher down")
+
+    async def readiness(self) -> Readiness:
+        return Readiness(status="ready")
+
+    def request_id(self, given: str | None) -> str:
+        return given or "generated"
+
+
+def make(keys=(PLAIN_ENTRY, STEER_ENTRY), anonymous_overrides=False):
+    backend, rejected = Backend(), []
+    app = build_api(
+        backend, LIMITS, Gatekeeper(list(keys), anonymous_overrides), lambda: rejected.append(1)
+    )
+    return app, backend, rejected
+
+
+def call(app, method, path, **kwargs) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_request_without_a_key_is_401_before_its_body_is_read():
+    app, backend, rejected = make()
+    response = call(app, "POST", "/v1/classify", json={"inputs": ["hi"]})
+    assert response.status_code == 401
+    assert "Authorization: Bearer" in response.json()["error"]
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert call(app, "GET", "/v1/models").status_code == 401
+    assert backend.calls == [] and len(rejected) == 2
+
+
+def test_a_known_key_classifies_and_overrides_need_a_key_that_allows_them():
+    app, backend, rejected = make()
+    assert call(
+        app, "POST", "/v1/classify", json={"inputs": "hi"}, headers=bearer(PLAIN)
+    ).is_success
+    forced = {"inputs": ["hi"], "force_tier": "teacher"}
+    refused = call(app, "POST", "/v1/classify", json=forced, headers=bearer(PLAIN))
+    assert refused.status_code == 403 and "force_tier" in refused.json()["error"]
+    threshold = {"inputs": ["hi"], "threshold": 1.0}
+    assert (
+        call(app, "POST", "/v1/classify", json=threshold, headers=bearer(PLAIN)).status_code == 403
+    )
+    allowed = call(app, "POST", "/v1/classify", json=forced, headers=bearer(STEER))
+    assert allowed.is_success
+    assert [routing.force_tier for _, routing in backend.calls] == [None, "teacher"]
+    assert len(rejected) == 2
+
+
+def test_without_keys_anyone_classifies_but_only_configured_anonymous_overrides_pass():
+    app, _, _ = make(keys=())
+    assert call(app, "POST", "/v1/classify", json={"inputs": ["hi"]}).is_success
+    forced = {"inputs": ["hi"], "force_tier": "student"}
+    assert call(app, "POST", "/v1/classify", json=forced).status_code == 403
+    app, _, _ = make(keys=(), anonymous_overrides=True)
+    assert call(app, "POST", "/v1/classify", json=forced).is_success
+
+
+def test_health_readiness_and_the_schema_stay_open():
+    app, _, rejected = make()
+    assert call(app, "GET", "/healthz").json() == {"status": "alive"}
+    assert call(app, "GET", "/readyz").json()["status"] == "ready"
+    assert call(app, "GET", "/openapi.json").is_success
+    assert rejected == []
+
+
+def test_a_body_over_the_limit_is_413_by_its_declared_length():
+    app, backend, rejected = make()
+    body = json.dumps({"inputs": ["x" * 500]}).encode()
+    response = call(app, "POST", "/v1/classify", content=body, headers=bearer(PLAIN))
+    assert response.status_code == 413
+    assert "maximum of 400 bytes" in response.json()["error"]
+    assert backend.calls == [] and rejected == [1]
+
+
+def test_a_chunked_body_is_counted_as_it_arrives():
+    app, backend, rejected = make()
+    sent = []
+
+    async def chunks():  # no Content-Length: httpx sends it chunked
+        for _ in range(100):
+            sent.append(1)
+            yield b"x" * 100
+
+    response = call(app, "POST", "/v1/classify", content=chunks(), headers=bearer(PLAIN))
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413 and backend.calls == [] and rejected == [1]
+    assert len(sent) < 100  # refused before the whole body arrived
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"inputs": []}, "inputs: List should have at least 1 item"),
+        ({"inputs": ["a", "b", "c"]}, "inputs: List should have at most 2 items"),
+        ({"inputs": ["x" * 11]}, "inputs.0: String should have at most 10 characters"),
+        ({"inputs": " \t"}, "inputs: is only whitespace"),
+        ({"inputs": ["ok"], "extra": 1}, "extra: unknown field"),
+    ],
+)
+def test_limits_are_422_naming_the_limit_before_any_model_work(body, message):
+    app, backend, rejected = make()
+    response = call(app, "POST", "/v1/classify", json=body, headers=bearer(STEER))
+    assert response.status_code == 422 and message in response.json()["error"]
+    assert backend.calls == [] and rejected == [1]
+
+
+def test_a_body_that_is_not_json_is_400_and_counted():
+    app, _, rejected = make()
+    headers = {**bearer(PLAIN), "content-type": "application/json"}
+    response = call(app, "POST", "/v1/classify", content=b"{nope", headers=headers)
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+    assert rejected == [1]
+
+
+def test_the_deadline_header_becomes_the_requests_deadline():
+    app, backend, _ = make()
+    headers = {**bearer(PLAIN), "x-protege-timeout-ms": "250"}
+    assert call(app, "POST", "/v1/classify", json={"inputs": ["hi"]}, headers=headers).is_success
+    assert backend.calls[0][1].deadline is not None
+    headers["x-protege-timeout-ms"] = "0"
+    assert (
+        call(app, "POST", "/v1/classify", json={"inputs": ["hi"]}, headers=headers).status_code
+        == 422
+    )
+
+
+def test_models_answers_503_with_a_body_when_the_teacher_is_down():
+    app, _, _ = make()
+    response = call(app, "GET", "/v1/models", headers=bearer(PLAIN))
+    assert response.status_code == 503 and "teacher unavailable" in response.json()["error"]
+
+
+def test_the_openapi_document_states_the_limits_and_every_error():
+    app, _, _ = make()
+    spec = call(app, "GET", "/openapi.json").json()
+    request = spec["components"]["schemas"]["ClassifyRequest"]["properties"]["inputs"]
+    many, one = request["oneOf"]
+    assert (many["minItems"], many["maxItems"]) == (1, 2)
+    assert (one["minLength"], one["maxLength"], one["pattern"]) == (1, 10, r"\S")
+    assert many["items"] == one
+    responses = spec["paths"]["/v1/classify"]["post"]["responses"]
+    assert {"200", "400", "401", "403", "413", "422", "503"} <= set(responses)
+    for status in ("400", "401", "403", "413", "422", "503"):
+        schema = responses[status]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
