@@ -42,7 +42,7 @@ def test_keys_come_from_the_environment_too(monkeypatch):
 
 def test_an_unreadable_key_source_names_itself(tmp_path, monkeypatch):
     (tmp_path / "keys.yaml").write_text("- name: x\n  sha256: not-a-hash\n")
-    with pytest.raises(ValueError, match="keys.yaml cannot be read"):
+    with pytest.raises(ValueError, match=r"keys\.yaml cannot be read"):
         load_keys(AccessConfig(keys_file=tmp_path / "keys.yaml"))
     monkeypatch.setenv("MY_KEYS", "{not json")
     with pytest.raises(ValueError, match=r"\$MY_KEYS cannot be read"):

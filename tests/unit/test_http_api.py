@@ -34,7 +34,7 @@ class Backend:
         )
         return Answer([output] * len(texts), None)
 
-    async def models(self):  # noqa: ANN201 - never reached in these tests
+    async def models(self):
         raise RuntimeError("teacher down")
 
     async def readiness(self) -> Readiness:
