@@ -35,7 +35,13 @@ logger = logging.getLogger("ray.serve")
 SERVING_GAUGES_EVERY_S = 5.0
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=128,
+    # beyond this many waiting requests per replica, Serve answers 503 with Retry-After
+    max_queued_requests=256,
+    backpressure_config={"status_code": 503, "retry_after_s": 1},
+)
 @serve.ingress()
 class Gateway:
     def __init__(self, config: GatewayConfig, teacher: DeploymentHandle) -> None:

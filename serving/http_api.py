@@ -47,6 +47,11 @@ def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
 
 
+def _serve_text(description: str) -> dict[str, Any]:
+    """An answer Ray Serve's proxy gives before the request reaches a replica (plain text)."""
+    return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
 def classify_responses(limits: LimitsConfig, auth: bool) -> dict[int | str, dict[str, Any]]:
     responses: dict[int | str, dict[str, Any]] = {
         400: _error("The body is not JSON"),
@@ -55,7 +60,11 @@ def classify_responses(limits: LimitsConfig, auth: bool) -> dict[int | str, dict
             f"The body breaks the schema: 1 to {limits.max_inputs} texts of 1 to "
             f"{limits.max_chars} characters, not only whitespace; a bad header"
         ),
-        503: _error("Overloaded: the replica's queue is full; retry after Retry-After seconds"),
+        503: _serve_text(
+            "Overloaded: the replica's queue is full (max_queued_requests); retry after the "
+            "Retry-After header's seconds"
+        ),
+        408: _serve_text("Not answered within the request timeout (request_timeout_s)"),
     }
     responses[403] = _error("Routing overrides (force_tier, threshold) are not allowed")
     if auth:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 LOOPBACK = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8080
+REQUEST_TIMEOUT_S = 30.0  # Serve answers 408 after this (the teacher times out at 10 s)
 
 Ingress = Literal["proxy", "haproxy"]
 
@@ -91,7 +92,11 @@ def start(
     )
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's start-up notes
     serve.start(
-        http_options={"host": LOOPBACK, "port": http_port},
+        http_options={
+            "host": LOOPBACK,
+            "port": http_port,
+            "request_timeout_s": REQUEST_TIMEOUT_S,
+        },
         logging_config={"enable_access_log": False},
     )
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

@@ -13,7 +13,11 @@ from serving.config import BatchingConfig, ModelSpec
 from serving.metrics import Metrics
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=256,
+    max_queued_requests=512,  # a full teacher fails the call at once: the student answers
+)
 class Teacher:
     def __init__(
         self,

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from polling import wait_for  # noqa: F401 - re-exported for the integration tes
 from serving.access import steering_key
 from serving.client import ProtegeClient
 
+SUPPORT = Path(__file__).resolve().parent.parent / "support"  # test-only replica code
+sys.path.insert(0, str(SUPPORT))
 _STEERING: tuple[str, Path] | None = None
 
 
@@ -49,6 +52,7 @@ def serve_cluster(metrics_port) -> Iterator[int]:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (support, os.environ.get("PYTHONPATH")) if p
     )
+
     port = free_port()
     # logical CPUs: several small apps share this 2-core machine during the session
     local_ray.start(http_port=port, metrics_port=metrics_port, num_cpus=16)
@@ -107,3 +111,23 @@ def app_config(name: str, args: dict, user_config: dict) -> dict:
             }
         ]
     }
+
+
+def deploy_with_teacher(
+    serve_cluster: int, name: str, args: dict, teacher, **gateway_options
+) -> ProtegeClient:
+    """Deploy a gateway under ``/<name>`` in front of ``teacher`` (a bound deployment, such
+    as a misbehaving one from tests/support), with Serve options for the Gateway."""
+    from ray import serve
+
+    from serving.app import load_config
+    from serving.gateway import Gateway
+
+    config = load_config(args)
+    app = Gateway.options(**gateway_options).bind(config, teacher)
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    client = ProtegeClient(
+        f"http://127.0.0.1:{serve_cluster}/{name}", api_key=steering()[0], timeout=60
+    )
+    client.wait_ready(120)
+    return client

@@ -186,8 +186,10 @@ def test_the_openapi_document_states_the_limits_and_every_error():
     assert (one["minLength"], one["maxLength"], one["pattern"]) == (1, 10, r"\S")
     assert many["items"] == one
     responses = spec["paths"]["/v1/classify"]["post"]["responses"]
-    assert {"200", "400", "401", "403", "413", "422", "503"} <= set(responses)
-    for status in ("400", "401", "403", "413", "422", "503"):
+    assert {"200", "400", "401", "403", "408", "413", "422", "503"} <= set(responses)
+    for status in ("400", "401", "403", "413", "422"):
         schema = responses[status]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+    for status in ("408", "503"):  # Serve's proxy answers these, in plain text
+        assert responses[status]["content"] == {"text/plain": {"schema": {"type": "string"}}}
     assert "HTTPBearer" in spec["components"]["securitySchemes"]

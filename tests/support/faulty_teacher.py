@@ -1,0 +1,38 @@
+"""Teachers that misbehave on every call, for the fault tests (replicas import this module
+through PYTHONPATH). Serve restarts a killed teacher, so a dead teacher is simulated by one
+that errors or hangs instead."""
+
+import asyncio
+from typing import Any
+
+from ray import serve
+
+from serving.classifier import Classifier
+from serving.config import ModelSpec
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+class FaultyTeacher:
+    """mode: "error" raises on every call; "slow" answers after ``delay_s``."""
+
+    def __init__(self, spec: ModelSpec, mode: str, delay_s: float = 0.0) -> None:
+        self.model = Classifier(spec.path, device="cpu", max_tokens=spec.max_tokens)
+        self.mode, self.delay_s = mode, delay_s
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "version": self.model.version,
+            "labels": self.model.labels,
+            "max_tokens": self.model.max_tokens,
+        }
+
+    async def predict_one(self, text: str) -> dict[str, Any]:
+        if self.mode == "error":
+            raise RuntimeError("the teacher's model failed")
+        await asyncio.sleep(self.delay_s)
+        prediction = self.model.predict([text])
+        return {
+            "probs": prediction.probs[0].tolist(),
+            "truncated": prediction.truncated[0],
+            "version": self.model.version,
+        }
