@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.access import AccessError
 from serving.schemas import MANY, NOT_BLANK, ONE
@@ -39,6 +40,13 @@ def install_error_handlers(app: FastAPI) -> None:
         status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
         messages = [_describe(e) for e in errors]
         return JSONResponse(status_code=status, content={"error": "; ".join(messages)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body it cannot decode, an unknown path) in our one shape
+        return JSONResponse(
+            status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers
+        )
 
     @app.exception_handler(AccessError)
     async def _access(_: Request, exc: AccessError) -> JSONResponse:

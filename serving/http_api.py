@@ -119,16 +119,17 @@ def build_api(
         body: body_model,  # type: ignore[valid-type]
         request: Request,
         response: Response,
-        x_request_id: Annotated[str | None, Header(max_length=128)] = None,
+        # typed without None so the schema says what a header holds (a number, not "null")
+        x_request_id: Annotated[str, Header(max_length=128)] = None,  # type: ignore[assignment]  # noqa: RUF013
         x_protege_timeout_ms: Annotated[
-            int | None,
+            int,  # noqa: RUF013
             Header(
                 ge=1,
                 le=MAX_TIMEOUT_MS,
                 description="The most this client waits, in ms: the teacher is waited on only "
                 "while time is left, then the student's answer is returned, marked degraded",
             ),
-        ] = None,
+        ] = None,  # type: ignore[assignment]
     ) -> ClassifyResponse:
         caller: Caller = request.scope["state"]["caller"]
         gatekeeper.check_overrides(caller, body.overrides)  # type: ignore[attr-defined]

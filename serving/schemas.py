@@ -9,6 +9,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictFloat,
     StrictStr,
     StringConstraints,
     Tag,
@@ -29,7 +30,7 @@ class ClassifyRequest(BaseModel):
     inputs: list[StrictStr] | StrictStr = Field(
         description="Texts to classify; a single string is accepted"
     )
-    threshold: float | None = Field(
+    threshold: StrictFloat | None = Field(
         default=None, ge=0, le=1, description="Override the escalation threshold for this request"
     )
     force_tier: Tier | None = Field(
