@@ -3,8 +3,10 @@
 protege models build [--cache var/cache] [--profile full|lite]
 protege init TASK.yaml [--force]
 protege serve [--config deploy/serve_config.yaml] [--port 8000]
+protege keys new NAME [--overrides] [--file api-keys.yaml]
 protege demo
 protege bench
+protege soak
 """
 
 from __future__ import annotations
@@ -98,6 +100,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_new(args: argparse.Namespace) -> int:
+    from serving.access import new_key, write_entry
+
+    key, entry = new_key(args.name, overrides=args.overrides)
+    if args.file is None:
+        print(json.dumps([entry.model_dump()]), file=sys.stderr)
+        print("add the entry above to $PROTEGE_API_KEYS (a JSON list); the key:", file=sys.stderr)
+    else:
+        try:
+            write_entry(args.file, entry)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"stored the hash of key {args.name!r} in {args.file}; the key:", file=sys.stderr)
+    print(key)  # shown once, never stored: give it to the client
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from protege.demo import run_demo
 
@@ -130,6 +150,39 @@ def _bench(args: argparse.Namespace) -> int:
     )
     print(json.dumps(report["summary"], indent=1))
     return 0
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from distill.tables import TableError, read_texts
+    from protege.soak import run_soak
+
+    try:
+        texts = read_texts(args.texts) if args.texts else _default_texts(args.cache)
+    except (TableError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_soak(
+        args.config,
+        None if args.texts else args.cache,
+        texts,
+        args.out,
+        steps=[int(s) for s in args.steps.split(",")],
+        step_s=args.step_seconds,
+        hold_s=args.hold_seconds,
+        hold_fraction=args.fraction,
+        port=args.port,
+        metrics_port=args.metrics_port,
+    )
+    return 0
+
+
+def _default_texts(cache: Path) -> list[str]:
+    from protege import bbc
+    from protege.default_models import build_defaults
+
+    build_defaults(cache)
+    pool = bbc.read_split(cache / "data", "holdout") + bbc.read_split(cache / "data", "stream")
+    return [e.text for e in pool]
 
 
 def _bench_loop(args: argparse.Namespace) -> int:
@@ -170,6 +223,36 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=8080)
     serve.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy")
     serve.set_defaults(func=_serve)
+
+    soak = sub.add_parser(
+        "soak", help="ramp to the saturation throughput, then hold 70%% of it (latency, RSS)"
+    )
+    soak.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    soak.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
+    soak.add_argument(
+        "--texts", type=Path, help="a JSONL/CSV/Parquet file with a text column (default: BBC)"
+    )
+    soak.add_argument("--steps", default="2,4,8,16,32,64", help="client counts of the ramp")
+    soak.add_argument("--step-seconds", type=float, default=20.0)
+    soak.add_argument("--hold-seconds", type=float, default=600.0)
+    soak.add_argument("--fraction", type=float, default=0.7, help="of the saturation rate")
+    soak.add_argument("--port", type=int, default=8030)
+    soak.add_argument("--metrics-port", type=int, default=8083)
+    soak.add_argument("--out", type=Path, default=Path("bench-results/soak"))
+    soak.set_defaults(func=_soak)
+
+    keys = sub.add_parser("keys", help="API keys for the gateway").add_subparsers(
+        dest="action", required=True
+    )
+    new = keys.add_parser("new", help="make a key; print it once, store only its hash")
+    new.add_argument("name", help="who holds it (shown in logs)")
+    new.add_argument(
+        "--overrides", action="store_true", help="allow force_tier and threshold per request"
+    )
+    new.add_argument(
+        "--file", type=Path, help="key file to add it to (access.keys_file); else print the entry"
+    )
+    new.set_defaults(func=_keys_new)
 
     demo = sub.add_parser("demo", help="the learning loop: serve, distil, gate, hot-swap, repeat")
     demo.add_argument("--cache", type=Path, default=DEFAULT_CACHE)

@@ -16,6 +16,7 @@ from ray.serve import Application
 from transformers import AutoConfig
 
 from serving import meanpool
+from serving.access import load_keys
 from serving.cascade import resolve_threshold
 from serving.config import GatewayConfig
 from serving.gateway import Gateway
@@ -56,6 +57,8 @@ def check_models(config: GatewayConfig) -> None:
     try:
         import_loader(config.student_loader)
         resolve_threshold(config.cascade, read_manifest(config.student.path))
+        if config.access.keys_file is not None:
+            load_keys(config.access)  # a bad key file fails here, not in a crash-looping replica
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

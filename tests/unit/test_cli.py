@@ -111,3 +111,17 @@ def test_demo_spread_puts_seeds_side_by_side(tmp_path):
     table = spread(folders)
     assert "| 0 | promoted | 15.0% [10.0%, 20.0%] | 120 |" in table
     assert "final holdout escalation 15.0% to 25.0%" in table
+
+
+def test_keys_new_prints_the_key_once_and_stores_only_its_hash(tmp_path, capsys):
+    from protege.cli import main
+    from serving.access import gatekeeper
+    from serving.config import AccessConfig
+
+    path = tmp_path / "api-keys.yaml"
+    assert main(["keys", "new", "billing", "--overrides", "--file", str(path)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key not in path.read_text()
+    assert gatekeeper(AccessConfig(keys_file=path)).caller(f"Bearer {key}").overrides
+    assert main(["keys", "new", "billing", "--file", str(path)]) == 2  # one key per name
+    assert "already holds a key named 'billing'" in capsys.readouterr().err
