@@ -6,7 +6,8 @@
         print(result.outputs[0].label, result.outputs[0].tier)
 
 It retries 502/503/504 answers and refused connections with exponential backoff (a
-replica starting or draining), never a 4xx: those raise :class:`ProtegeError` with the
+replica starting or draining; at least the ``Retry-After`` an overloaded gateway sends),
+never a 4xx: those raise :class:`ProtegeError` with the
 server's message.
 """
 
@@ -48,6 +49,13 @@ def _headers(request_id: str | None) -> dict[str, str]:
 
 def _auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _delay(backoff_s: float, attempt: int, response: httpx.Response | None) -> float:
+    """Exponential backoff, or longer when the server's Retry-After asks for it."""
+    delay = backoff_s * 2**attempt
+    after = response.headers.get("retry-after", "") if response is not None else ""
+    return max(delay, float(after)) if after.isdigit() else delay
 
 
 def _checked(response: httpx.Response) -> Any:
@@ -118,6 +126,7 @@ class ProtegeClient:
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.retries + 1):
+            response = None
             try:
                 response = self._http.request(method, url, **kwargs)
                 if response.status_code not in RETRY_STATUS or attempt == self.retries:
@@ -125,7 +134,7 @@ class ProtegeClient:
             except httpx.ConnectError:
                 if attempt == self.retries:
                     raise
-            time.sleep(self.backoff_s * 2**attempt)
+            time.sleep(_delay(self.backoff_s, attempt, response))
         raise AssertionError("unreachable")
 
 
@@ -178,6 +187,7 @@ class AsyncProtegeClient:
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.retries + 1):
+            response = None
             try:
                 response = await self._http.request(method, url, **kwargs)
                 if response.status_code not in RETRY_STATUS or attempt == self.retries:
@@ -185,5 +195,5 @@ class AsyncProtegeClient:
             except httpx.ConnectError:
                 if attempt == self.retries:
                     raise
-            await asyncio.sleep(self.backoff_s * 2**attempt)
+            await asyncio.sleep(_delay(self.backoff_s, attempt, response))
         raise AssertionError("unreachable")

@@ -1,7 +1,6 @@
 """Faults under load on a real local Ray Serve: overload, a slow teacher behind the
 bulkhead, a deadline, and a teacher that errors or hangs on every call."""
 
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,8 +15,9 @@ from serving.escalation_log import iter_records
 pytestmark = pytest.mark.integration
 
 
-def teacher(tiny_pair, mode: str, delay_s: float = 0.0):
-    return FaultyTeacher.bind(ModelSpec(path=tiny_pair[1]), mode, delay_s)
+def teacher(tiny_pair, mode: str, delay_s: float = 0.0, calls_dir=None):
+    calls = None if calls_dir is None else str(calls_dir)
+    return FaultyTeacher.bind(ModelSpec(path=tiny_pair[1]), mode, delay_s, calls)
 
 
 def post(url: str, body: dict, **headers: str) -> httpx.Response:
@@ -56,7 +56,11 @@ def test_the_bulkhead_keeps_the_student_path_fast_while_the_teacher_is_slow(
 ):
     args = tiny_config(tiny_pair, tmp_path, teacher_timeout_s=60)
     args["overload"] = {"teacher_max_in_flight": 2}
-    client = deploy_with_teacher(serve_cluster, "bulkhead", args, teacher(tiny_pair, "slow", 8.0))
+    calls = tmp_path / "teacher-calls"
+    calls.mkdir()
+    client = deploy_with_teacher(
+        serve_cluster, "bulkhead", args, teacher(tiny_pair, "slow", 8.0, calls)
+    )
     url = base(client)
     done: list[str] = []
 
@@ -70,7 +74,7 @@ def test_the_bulkhead_keeps_the_student_path_fast_while_the_teacher_is_slow(
             pool.submit(send, f"held{i}", {"inputs": [f"slow {i}"], "threshold": 1.0})
             for i in range(2)
         ]
-        time.sleep(1.0)  # let the two reach the teacher and fill the bulkhead
+        wait_for(lambda: len(list(calls.iterdir())) >= 2 or None)  # the bulkhead is full
         shed = pool.submit(
             send, "shed", {"inputs": ["beyond the bound"], "threshold": 1.0}
         ).result()

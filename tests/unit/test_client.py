@@ -57,3 +57,21 @@ def test_4xx_is_not_retried_and_carries_the_message():
     with pytest.raises(ProtegeError, match="must hold at least one text"):
         client.classify([])
     assert len(seen) == 1
+
+
+def test_a_503_waits_at_least_its_retry_after(monkeypatch):
+    import serving.client as client_module
+
+    slept: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    seen: list[httpx.Request] = []
+    client = client_with(
+        [httpx.Response(503, headers={"retry-after": "2"}), httpx.Response(200, json=OK)], seen
+    )
+    assert client.classify("x").outputs and slept == [2.0]
+
+
+def test_the_api_key_goes_in_the_authorization_header():
+    client = ProtegeClient("http://gateway", api_key="pk_secret")
+    assert client._http.headers["authorization"] == "Bearer pk_secret"
+    assert "authorization" not in ProtegeClient("http://gateway")._http.headers
