@@ -94,6 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         if registry:
             RegistryFollower(config, Path(registry)).start()  # promotions hot-swap in place
         print(f"protege is serving at {url} (docs: {url}/docs); Ctrl-C stops it", flush=True)
+        print(_access_line(config), flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while not stop.wait(0.5):
                 pass
@@ -116,6 +117,16 @@ def _keys_new(args: argparse.Namespace) -> int:
         print(f"stored the hash of key {args.name!r} in {args.file}; the key:", file=sys.stderr)
     print(key)  # shown once, never stored: give it to the client
     return 0
+
+
+def _access_line(config: dict) -> str:
+    from serving.access import gatekeeper
+    from serving.config import AccessConfig
+
+    access = AccessConfig.model_validate(
+        config["applications"][0].get("args", {}).get("access", {})
+    )
+    return gatekeeper(access).describe()
 
 
 def _demo(args: argparse.Namespace) -> int:
