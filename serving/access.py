@@ -16,6 +16,7 @@ import hmac
 import json
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +66,18 @@ def new_key(name: str, overrides: bool = False) -> tuple[str, StoredKey]:
 def load_keys(config: AccessConfig) -> list[StoredKey]:
     """The configured keys (file first, then the environment variable); [] means auth off."""
     keys: list[StoredKey] = []
-    try:
-        if config.keys_file is not None:
-            keys += _KEYS.validate_python(yaml.safe_load(config.keys_file.read_text()) or [])
-        if os.environ.get(config.keys_env):
-            keys += _KEYS.validate_python(json.loads(os.environ[config.keys_env]))
-    except (OSError, ValueError, ValidationError) as exc:
-        source = config.keys_file or f"${config.keys_env}"
-        raise ValueError(f"API keys in {source} cannot be read: {exc}") from None
+    if (path := config.keys_file) is not None:
+        keys += _parse(str(path), lambda: yaml.safe_load(path.read_text()))
+    if os.environ.get(config.keys_env):
+        keys += _parse(f"${config.keys_env}", lambda: json.loads(os.environ[config.keys_env]))
     return keys
+
+
+def _parse(source: str, read: Callable[[], object]) -> list[StoredKey]:
+    try:
+        return _KEYS.validate_python(read() or [])
+    except (OSError, ValueError, ValidationError) as exc:
+        raise ValueError(f"API keys in {source} cannot be read: {exc}") from None
 
 
 class Gatekeeper:

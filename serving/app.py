@@ -57,8 +57,7 @@ def check_models(config: GatewayConfig) -> None:
     try:
         import_loader(config.student_loader)
         resolve_threshold(config.cascade, read_manifest(config.student.path))
-        if config.access.keys_file is not None:
-            load_keys(config.access)  # a bad key file fails here, not in a crash-looping replica
+        load_keys(config.access)  # bad keys fail here, not in a crash-looping replica
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +45,9 @@ def _body(
 
 
 def _headers(request_id: str | None) -> dict[str, str]:
-    return {"x-request-id": request_id} if request_id else {}
+    """One request id per call, kept across its retries: a retried escalation shows in the
+    log as two records under one request id."""
+    return {"x-request-id": request_id or uuid.uuid4().hex}
 
 
 def _auth(api_key: str | None) -> dict[str, str]:

@@ -98,14 +98,14 @@ class LimitsConfig(_Strict):
     max_body_bytes: PositiveInt | None = Field(
         default=None,
         description="Request body bytes; by default what the largest valid request needs "
-        "(every character escaped as \\uXXXX, plus room for the other fields)",
+        "(every character escaped as a surrogate pair, 12 bytes, plus room for the rest)",
     )
 
     @property
     def body_bytes(self) -> int:
         if self.max_body_bytes is not None:
             return self.max_body_bytes
-        return self.max_inputs * (self.max_chars * 6 + 4) + 4096
+        return self.max_inputs * (self.max_chars * 12 + 4) + 4096
 
 
 class AccessConfig(_Strict):
@@ -136,7 +136,7 @@ class OverloadConfig(_Strict):
     audits_max_in_flight: PositiveInt = Field(
         default=16,
         description="Online audits waiting on the teacher per replica; beyond it audits are "
-        "dropped and counted",
+        "logged for offline labelling and counted as deferred",
     )
 
 

@@ -133,20 +133,27 @@ class EscalationLogWriter:
     def current_segment(self) -> Path:
         return self._segment.path
 
-    def append(self, records: list[EscalationRecord]) -> None:
-        """Write records as whole lines, in the kernel before returning."""
+    def append(self, records: list[EscalationRecord]) -> tuple[int, int]:
+        """Write records as whole lines, in the kernel before returning; returns the bytes
+        written and the rotations made (0 or 1) by this call."""
         if not records:
-            return
+            return 0, 0
         payload = "".join(r.model_dump_json() + "\n" for r in records).encode()
+        retired = None
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("escalation log writer is closed")
             if self._segment.size > 0 and self._segment.size + len(payload) > self._max_bytes:
-                self._rotate()
+                # the new segment opens first: if that fails, the old one stays in use
+                retired, self._segment = self._segment, self._open_segment(sync_directory=False)
+                self.rotations += 1
             _write_whole(self._segment, payload)
             self._dirty = True
             self.records_written += len(records)
             self.bytes_written += len(payload)
+        if retired is not None:  # outside the lock: a slow disk holds up only this call
+            self._retire(retired)
+        return len(payload), int(retired is not None)
 
     def sync(self) -> None:
         """fsync the open segment if anything was written since the last sync.
@@ -179,22 +186,21 @@ class EscalationLogWriter:
                 os.close(self._segment.fd)
         self._syncer.join(timeout=5)
 
-    def _open_segment(self) -> _Segment:
+    def _open_segment(self, sync_directory: bool = True) -> _Segment:
         self._sequence += 1
         path = self.directory / f"{self._prefix}-{self._sequence:06d}.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        _fsync_directory(self.directory)  # the new name survives a machine crash
+        if sync_directory:
+            _fsync_directory(self.directory)  # the new name survives a machine crash
         return _Segment(path, fd, os.fstat(fd).st_size)
 
-    def _rotate(self) -> None:
-        """The new segment opens first: if that fails, the old one stays open and usable."""
-        fresh = self._open_segment()
-        old, self._segment = self._segment, fresh
+    def _retire(self, segment: _Segment) -> None:
+        """A rotated-out segment: its data and the new segment's name reach the disk."""
         try:
-            os.fsync(old.fd)
+            os.fsync(segment.fd)
         finally:
-            os.close(old.fd)
-        self.rotations += 1
+            os.close(segment.fd)
+        _fsync_directory(self.directory)
 
     def _sync_loop(self, interval: float) -> None:
         while not self._closed.wait(interval):

@@ -24,6 +24,10 @@ from serving.access import AccessError, Gatekeeper
 GUARDED_PREFIX = "/v1/"
 
 
+class ClientGone(Exception):
+    """The client disconnected before sending its whole body."""
+
+
 class Guard:
     def __init__(
         self,
@@ -50,7 +54,10 @@ class Guard:
             await answer(send, exc.status_code, str(exc), extra)
             return
         scope.setdefault("state", {})["caller"] = caller
-        body = await self._read_body(receive, headers.get("content-length"))
+        try:
+            body = await self._read_body(receive, headers.get("content-length"))
+        except ClientGone:
+            return  # nobody to answer, nothing to count
         if body is None:
             limit = self.max_body_bytes
             await answer(send, 413, f"body: more than the maximum of {limit} bytes per request")
@@ -67,13 +74,14 @@ class Guard:
 
     async def _read_body(self, receive: Receive, declared: str | None) -> bytes | None:
         """The whole body, or None as soon as it is larger than the limit."""
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return None
+        if declared and declared.isascii() and declared.isdigit():
+            if int(declared) > self.max_body_bytes:
+                return None
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:

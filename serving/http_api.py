@@ -7,6 +7,7 @@ request model is made at run time.
 """
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Header, Request, Response
@@ -73,7 +74,10 @@ def classify_responses(limits: LimitsConfig, auth: bool) -> dict[int | str, dict
 
 
 def build_api(
-    backend: Backend, limits: LimitsConfig, gatekeeper: Gatekeeper, on_reject: Any
+    backend: Backend,
+    limits: LimitsConfig,
+    gatekeeper: Gatekeeper,
+    on_reject: Callable[[], None],
 ) -> FastAPI:
     api = FastAPI(
         title="protege",
@@ -81,10 +85,18 @@ def build_api(
         version="1",
     )
     install_error_handlers(api)
-    body_model = request_model(limits.max_inputs, limits.max_chars)
     # documents the key (the guard checks it before the body is read)
     auth = [Depends(HTTPBearer(auto_error=False))] if gatekeeper.enabled else []
+    _add_probes(api, backend)
+    _add_models(api, backend, auth, gatekeeper.enabled)
+    _add_classify(api, backend, limits, gatekeeper, auth)
+    api.add_middleware(
+        Guard, gatekeeper=gatekeeper, max_body_bytes=limits.body_bytes, on_reject=on_reject
+    )
+    return api
 
+
+def _add_probes(api: FastAPI, backend: Backend) -> None:
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
@@ -94,20 +106,24 @@ def build_api(
         state = await backend.readiness()
         return JSONResponse(state.model_dump(), status_code=200 if state.status == "ready" else 503)
 
-    models_responses: dict[int | str, dict[str, Any]] = {
-        503: _error("The teacher is not reachable")
-    }
-    if gatekeeper.enabled:
-        models_responses[401] = _error("No API key, or one that is not recognised")
 
-    @api.get(
-        "/v1/models", response_model=ModelsResponse, dependencies=auth, responses=models_responses
-    )
+def _add_models(api: FastAPI, backend: Backend, auth: list[Any], keys: bool) -> None:
+    responses: dict[int | str, dict[str, Any]] = {503: _error("The teacher is not reachable")}
+    if keys:
+        responses[401] = _error("No API key, or one that is not recognised")
+
+    @api.get("/v1/models", response_model=ModelsResponse, dependencies=auth, responses=responses)
     async def models() -> Any:
         try:
             return await backend.models()
         except Exception as exc:  # the teacher is not up (yet)
             return JSONResponse({"error": f"teacher unavailable: {exc!r:.200}"}, status_code=503)
+
+
+def _add_classify(
+    api: FastAPI, backend: Backend, limits: LimitsConfig, gatekeeper: Gatekeeper, auth: list[Any]
+) -> None:
+    body_model = request_model(limits.max_inputs, limits.max_chars)
 
     @api.post(
         "/v1/classify",
@@ -143,8 +159,3 @@ def build_api(
             response.headers["x-protege-tier"] = answer.outputs[0].tier
             response.headers["x-protege-model-version"] = answer.outputs[0].model_version
         return ClassifyResponse(request_id=request_id, outputs=answer.outputs, logged=answer.logged)
-
-    api.add_middleware(
-        Guard, gatekeeper=gatekeeper, max_body_bytes=limits.body_bytes, on_reject=on_reject
-    )
-    return api

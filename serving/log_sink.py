@@ -26,6 +26,11 @@ class LogMetrics(Protocol):
     def log_written(self, records: int, size: int, rotations: int) -> None: ...
 
 
+def _close_quietly(writer: EscalationLogWriter) -> None:
+    with contextlib.suppress(Exception):
+        writer.close()
+
+
 class LogSink:
     def __init__(self, config: LogConfig, writer_id: str, metrics: LogMetrics) -> None:
         self.config = config
@@ -33,6 +38,7 @@ class LogSink:
         self.metrics = metrics
         self.writer: EscalationLogWriter | None = None
         self._retry_at = 0.0
+        self._opening = asyncio.Lock()
         self._open()
 
     def _open(self) -> None:
@@ -54,24 +60,23 @@ class LogSink:
         if not records:
             return True
         if self.writer is None and time.monotonic() >= self._retry_at:
-            self._open()
+            async with self._opening:  # one reopen at a time (it fsyncs: not on the loop)
+                if self.writer is None and time.monotonic() >= self._retry_at:
+                    await asyncio.to_thread(self._open)
         writer = self.writer
         if writer is None:
             self.metrics.inc("protege_log_write_errors")
             return False
-        before = (writer.bytes_written, writer.rotations)
         try:
-            await asyncio.to_thread(writer.append, records)
+            size, rotations = await asyncio.to_thread(writer.append, records)
         except Exception:
             self.metrics.inc("protege_log_write_errors")
             logger.exception("escalation log write failed for %d records", len(records))
-            self.writer, self._retry_at = None, time.monotonic() + RETRY_S
-            with contextlib.suppress(Exception):
-                writer.close()
+            if self.writer is writer:
+                self.writer, self._retry_at = None, time.monotonic() + RETRY_S
+            await asyncio.to_thread(_close_quietly, writer)  # it fsyncs: not on the loop
             return False
-        self.metrics.log_written(
-            len(records), writer.bytes_written - before[0], writer.rotations - before[1]
-        )
+        self.metrics.log_written(len(records), size, rotations)
         return True
 
     def close(self) -> None:

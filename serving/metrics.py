@@ -52,8 +52,8 @@ SPECS = [
     Spec(
         "protege_teacher_failures",
         "counter",
-        "Teacher calls that failed (error), timed out (timeout) or were not made because the "
-        "request's deadline had passed (deadline); their inputs are answered degraded",
+        "Teacher calls that failed (error), timed out (timeout), or were cut short or not made "
+        "by the request's deadline (deadline); their inputs are answered degraded",
         ("kind",),
     ),
     Spec(
@@ -63,9 +63,10 @@ SPECS = [
         "bulkhead was full (overload.teacher_max_in_flight)",
     ),
     Spec(
-        "protege_audits_dropped",
+        "protege_audits_deferred",
         "counter",
-        "Online audits dropped because overload.audits_max_in_flight were waiting",
+        "Online audits logged for offline labelling instead, because "
+        "overload.audits_max_in_flight were waiting on the teacher",
     ),
     Spec(
         "protege_confidence",

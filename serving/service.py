@@ -12,7 +12,8 @@ a unit test hands it plain functions.
   student's answer is returned, marked degraded.
 - **Audits**: offline audits are records returned with the request's own; online audits
   ask the teacher off the response path, at most ``overload.audits_max_in_flight`` inputs
-  at once (the rest are dropped and counted).
+  at once (beyond that they are logged like offline audits and counted as deferred: an
+  audit is never dropped, or the sample's inclusion probability would be false).
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ class CascadeService:
     ) -> tuple[list[dict[str, Any]] | None, TeacherStatus]:
         """The teacher's answers, or None and why when it fails or times out."""
         timeout = self.config.teacher_timeout_s
+        by_deadline = deadline is not None and deadline - time.monotonic() < timeout
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
         if timeout <= 0:
@@ -215,6 +217,9 @@ class CascadeService:
             answers = await self._teacher(texts, timeout)
         except Exception as exc:  # timeout, dead replica, model error: the student answers
             timed_out = isinstance(exc, asyncio.TimeoutError | TimeoutError)
+            if timed_out and by_deadline:  # the client's hurry, not the teacher's failure
+                self.metrics.inc("protege_teacher_failures", kind="deadline")
+                return None, "timeout"
             self.metrics.inc("protege_teacher_failures", kind="timeout" if timed_out else "error")
             if self.teacher_failing_since is None:
                 self.teacher_failing_since = time.monotonic()
@@ -306,8 +311,10 @@ class CascadeService:
         if cascade.audit_teacher == "offline":
             return [self._audit_record(batch, decision, i, None, "skipped") for i in chosen]
         if self.audits_in_flight + len(chosen) > self.config.overload.audits_max_in_flight:
-            self.metrics.inc("protege_audits_dropped", len(chosen))
-            return []
+            # logged for offline labelling, never dropped: a dropped audit would make the
+            # sample's inclusion probability false
+            self.metrics.inc("protege_audits_deferred", len(chosen))
+            return [self._audit_record(batch, decision, i, None, "skipped") for i in chosen]
         self.audits_in_flight += len(chosen)
         task = asyncio.create_task(self._audit(batch, decision, chosen))
         self._background.add(task)

@@ -5,6 +5,7 @@ real MiniLM weights and real BBC data, built by `protege models build --profile 
 from pathlib import Path
 
 import pytest
+from conftest import steering
 
 from protege.bbc import LABELS
 from protege.default_models import build_defaults
@@ -37,6 +38,7 @@ def test_default_models_serve_from_the_shipped_config(lite_cache, deploy, tmp_pa
         lite_cache,
         log={"dir": str(tmp_path / "log")},
         registry=str(tmp_path / "registry"),  # empty: the student folder serves
+        access={"keys_file": str(steering()[1])},  # the test forces the teacher tier
     )
     client = deploy("defaults", config["applications"][0]["args"])
     student = read_manifest(lite_cache / "models" / "student")

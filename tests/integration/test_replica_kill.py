@@ -138,6 +138,7 @@ def test_one_of_two_replicas_killed_mid_load_fails_under_one_percent(
     assert failed / traffic.total < 0.01
 
 
+@pytest.mark.slow  # reports the recovery time; the kill behaviours are tested above
 def test_a_lone_replica_killed_comes_back(serve_cluster, tiny_pair, tmp_path):
     client = deploy(serve_cluster, "lone-replica", tiny_pair, tmp_path, replicas=1)
     url = str(client._http.base_url).rstrip("/")

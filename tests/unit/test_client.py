@@ -75,3 +75,14 @@ def test_the_api_key_goes_in_the_authorization_header():
     client = ProtegeClient("http://gateway", api_key="pk_secret")
     assert client._http.headers["authorization"] == "Bearer pk_secret"
     assert "authorization" not in ProtegeClient("http://gateway")._http.headers
+
+
+def test_a_call_keeps_one_request_id_across_its_retries():
+    seen: list[httpx.Request] = []
+    client = client_with([httpx.Response(502), httpx.Response(200, json=OK)], seen)
+    client.classify("x")
+    ids = {request.headers["x-request-id"] for request in seen}
+    assert len(seen) == 2 and len(ids) == 1  # a retry is recognisable in the log
+    client = client_with([httpx.Response(200, json=OK)], seen)
+    client.classify("y")
+    assert seen[-1].headers["x-request-id"] not in ids  # a new call, a new id

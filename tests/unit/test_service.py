@@ -146,10 +146,14 @@ def test_the_deadline_caps_the_wait_for_the_teacher():
         routing = Routing(deadline=time.monotonic() + 0.05)
         answer = await asyncio.wait_for(svc.classify(["unsure a"], "r", routing), 30)
         assert answer.outputs[0].degraded and sink.records[0].teacher_status == "timeout"
+        # the client's hurry: counted as a deadline, never as a failing teacher
+        assert svc.metrics.counts[("protege_teacher_failures", "deadline")] == 1
+        assert svc.metrics.counts[("protege_teacher_failures", "timeout")] == 0
+        assert svc.teacher_failing_since is None
         spent = Routing(deadline=time.monotonic() - 1)
         answer = await asyncio.wait_for(svc.classify(["unsure b"], "r", spent), 30)
         assert answer.outputs[0].degraded and len(teacher.calls) == 1  # not even asked
-        assert svc.metrics.counts[("protege_teacher_failures", "deadline")] == 1
+        assert svc.metrics.counts[("protege_teacher_failures", "deadline")] == 2
 
     asyncio.run(scenario())
 
@@ -165,22 +169,27 @@ def test_offline_audits_are_logged_with_the_request_at_their_inclusion_probabili
     }
 
 
-def test_online_audits_are_bounded_and_the_rest_dropped_and_counted():
+def test_online_audits_beyond_the_bound_are_deferred_to_offline_never_dropped():
     async def scenario():
         cascade = {"threshold": 0.7, "audit_fraction": 0.5, "audit_teacher": "online"}
         svc, teacher, sink = service(
             Teacher("hang"), draw=lambda: 0.0, cascade=cascade, overload={"audits_max_in_flight": 2}
         )
         await svc.classify(["sure 1", "sure 2"], "r1", Routing())
-        await svc.classify(["sure 3"], "r2", Routing())  # two audits wait: this one is dropped
+        await svc.classify(["sure 3"], "r2", Routing())  # two audits wait: this one is deferred
         assert svc.audits_in_flight == 2
-        assert svc.metrics.counts[("protege_audits_dropped",)] == 1
+        assert svc.metrics.counts[("protege_audits_deferred",)] == 1
+        assert [(r.text, r.teacher_status) for r in sink.records] == [("sure 3", "skipped")]
         teacher.release.set()
-        while svc.audits_in_flight:
+        while len(sink.records) < 3:  # the two online audits land once the teacher answers
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.01)
-        assert sorted(r.text for r in sink.records) == ["sure 1", "sure 2"]
-        assert {r.teacher_status for r in sink.records} == {"answered"}
+        assert svc.audits_in_flight == 0
+        assert sorted((r.text, r.teacher_status) for r in sink.records) == [
+            ("sure 1", "answered"),
+            ("sure 2", "answered"),
+            ("sure 3", "skipped"),
+        ]
+        assert {r.inclusion_probability for r in sink.records} == {0.5}
 
     asyncio.run(scenario())
 
@@ -201,5 +210,19 @@ def test_readiness_probes_a_failing_teacher_and_recovers_when_it_answers():
         assert await svc.teacher_failing_for() is not None  # probed, still failing
         teacher.mode = "answer"
         assert await svc.teacher_failing_for() is None
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_request_gives_its_bulkhead_places_back():
+    async def scenario():
+        svc, teacher, _ = service(Teacher("hang"), overload={"teacher_max_in_flight": 2})
+        task = asyncio.create_task(svc.classify(["unsure a", "unsure b"], "r", Routing()))
+        while svc.teacher_in_flight < 2:
+            await asyncio.sleep(0)
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert svc.teacher_in_flight == 0
 
     asyncio.run(scenario())
