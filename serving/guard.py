@@ -74,9 +74,9 @@ class Guard:
 
     async def _read_body(self, receive: Receive, declared: str | None) -> bytes | None:
         """The whole body, or None as soon as it is larger than the limit."""
-        if declared and declared.isascii() and declared.isdigit():
-            if int(declared) > self.max_body_bytes:
-                return None
+        numeric = declared is not None and declared.isascii() and declared.isdigit()
+        if numeric and int(declared) > self.max_body_bytes:  # type: ignore[arg-type]
+            return None
         chunks, size = [], 0
         while True:
             message = await receive()

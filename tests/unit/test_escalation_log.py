@@ -283,7 +283,7 @@ def test_a_failed_rotation_keeps_the_old_segment_writable(tmp_path, monkeypatch)
     writer = EscalationLogWriter(tmp_path, max_segment_bytes=line_bytes)
     writer.append([record(1)])
 
-    def full_disk():
+    def full_disk(**_):
         raise OSError(28, "No space left on device")
 
     real_open = writer._open_segment

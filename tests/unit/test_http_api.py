@@ -67,12 +67,20 @@ def bearer(key: str) -> dict[str, str]:
 
 def test_a_request_without_a_key_is_401_before_its_body_is_read():
     app, backend, rejected = make()
+    pulled = []
+
+    async def body():
+        pulled.append(1)
+        yield b'{"inputs": ["hi"]}'
+
+    response = call(app, "POST", "/v1/classify", content=body())
+    assert response.status_code == 401 and pulled == []
     response = call(app, "POST", "/v1/classify", json={"inputs": ["hi"]})
     assert response.status_code == 401
     assert "Authorization: Bearer" in response.json()["error"]
     assert response.headers["www-authenticate"].startswith("Bearer")
     assert call(app, "GET", "/v1/models").status_code == 401
-    assert backend.calls == [] and len(rejected) == 2
+    assert backend.calls == [] and len(rejected) == 3
 
 
 def test_a_known_key_classifies_and_overrides_need_a_key_that_allows_them():
@@ -193,3 +201,55 @@ def test_the_openapi_document_states_the_limits_and_every_error():
     for status in ("408", "503"):  # Serve's proxy answers these, in plain text
         assert responses[status]["content"] == {"text/plain": {"schema": {"type": "string"}}}
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
+
+
+def test_a_client_that_leaves_mid_body_is_neither_answered_nor_counted():
+    app, backend, rejected = make()
+    sent: list[dict] = []
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"inputs": ', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/classify",
+        "root_path": "",
+        "headers": [(b"authorization", f"Bearer {PLAIN}".encode())],
+        "query_string": b"",
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent == [] and backend.calls == [] and rejected == []
+
+
+def test_a_content_length_that_is_not_a_number_is_not_a_500():
+    app, _, _ = make()
+    scope_headers = {**bearer(PLAIN), "content-length": "²", "content-type": "application/json"}
+    guard = app.build_middleware_stack()  # the guard reads the header before anything else
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"inputs": ["hi"]}', "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/classify",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in scope_headers.items()],
+        "query_string": b"",
+    }
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 200

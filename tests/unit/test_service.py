@@ -216,7 +216,7 @@ def test_readiness_probes_a_failing_teacher_and_recovers_when_it_answers():
 
 def test_a_cancelled_request_gives_its_bulkhead_places_back():
     async def scenario():
-        svc, teacher, _ = service(Teacher("hang"), overload={"teacher_max_in_flight": 2})
+        svc, _, _ = service(Teacher("hang"), overload={"teacher_max_in_flight": 2})
         task = asyncio.create_task(svc.classify(["unsure a", "unsure b"], "r", Routing()))
         while svc.teacher_in_flight < 2:
             await asyncio.sleep(0)
