@@ -35,7 +35,7 @@ from serving.manifest import (
     weights_digest,
     write_manifest,
 )
-from serving.registry import Registry, RegistryError
+from serving.registry import PointerMoved, Registry, RegistryError
 
 
 def run(config: DistillConfig) -> dict[str, Any]:
@@ -251,11 +251,11 @@ def _judge_and_publish(
             ),
         )
         registry.publish(staged)
-        registry.promote(candidate)
+    result, reason = decision_result(registry, decision, candidate, current)
     write_watermark(registry.root, window.watermark)  # consumed, promoted or not
     return {
-        "result": "promoted" if decision.promote else "rejected",
-        "reason": decision.reason,
+        "result": result,
+        "reason": reason,
         "current": current,
         "candidate": candidate,
         "window": window.describe(),
@@ -270,6 +270,20 @@ def _judge_and_publish(
         },
         "offline_labelled": labeller.asked,
     }
+
+
+def decision_result(
+    registry: Registry, decision: Any, candidate: str, current: str
+) -> tuple[str, str]:
+    """Promote a candidate the gate accepted, only if the pointer still names the version
+    the run started from: a rollback during the run is never undone by it."""
+    if not decision.promote:
+        return "rejected", decision.reason
+    try:
+        registry.promote(candidate, expected=current)
+    except PointerMoved as exc:
+        return "superseded", f"{decision.reason}; but {exc}"
+    return "promoted", decision.reason
 
 
 def _flat(figures: Any) -> dict[str, Any]:

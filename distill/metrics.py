@@ -19,7 +19,15 @@ from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
 logger = logging.getLogger(__name__)
 JOB = "protege_distill"
-RESULTS = ("promoted", "rejected", "not-enough-evidence", "nothing-to-do", "failed")
+RESULTS = (
+    "promoted",
+    "rejected",
+    "superseded",  # accepted, but the pointer moved during the run (a rollback): not promoted
+    "not-enough-evidence",
+    "nothing-to-do",
+    "failed",
+)
+COMPLETED = ("promoted", "rejected", "superseded")
 
 
 def read_runs(runs_dir: Path) -> list[tuple[Path, str]]:
@@ -38,10 +46,9 @@ def run_counts(runs_dir: Path) -> Counter[str]:
 
 
 def last_success(runs_dir: Path) -> float | None:
-    """When a run last completed (promoted or rejected), from the reports' file times."""
-    times = [
-        p.stat().st_mtime for p, result in read_runs(runs_dir) if result in ("promoted", "rejected")
-    ]
+    """When a run last completed (promoted, rejected or superseded), from the reports'
+    file times."""
+    times = [p.stat().st_mtime for p, result in read_runs(runs_dir) if result in COMPLETED]
     return max(times, default=None)
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from serving.registry import Registry, RegistryError
+from serving.registry import ANY, Registry, RegistryError
 
 DEFAULT_REGISTRY = Path("var/cache/registry")
 
@@ -70,13 +70,13 @@ def _show(args: argparse.Namespace) -> int:
 
 def _promote(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
-    registry.promote(args.version)
+    registry.promote(args.version, expected=args.expected)
     print(f"current -> {args.version}")
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    print(f"current -> {Registry(args.registry).rollback()}")
+    print(f"current -> {Registry(args.registry).rollback(expected=args.expected)}")
     return 0
 
 
@@ -99,10 +99,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show = actions.add_parser("show", help="one version's manifest")
     show.add_argument("version")
     show.set_defaults(func=_show)
+    expected = {
+        "default": ANY,
+        "metavar": "VERSION",
+        "help": "only if the current version is still VERSION (compare-and-set)",
+    }
     promote = actions.add_parser("promote", help="make VERSION current")
     promote.add_argument("version")
+    promote.add_argument("--expected", **expected)
     promote.set_defaults(func=_promote)
-    actions.add_parser("rollback", help="back to the previous current").set_defaults(func=_rollback)
+    rollback = actions.add_parser("rollback", help="back to the previous current")
+    rollback.add_argument("--expected", **expected)
+    rollback.set_defaults(func=_rollback)
     imp = actions.add_parser("import", help="add a model folder with a protege.json")
     imp.add_argument("folder", type=Path)
     imp.add_argument("--promote", action="store_true")

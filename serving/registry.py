@@ -16,11 +16,14 @@ class (read, list, publish, move the pointer), the seam an object store would im
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,14 @@ VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 class RegistryError(ValueError):
     """A registry operation that cannot be done; the message says why."""
+
+
+class PointerMoved(RegistryError):
+    """A compare-and-set on the current pointer found another version than expected."""
+
+
+ANY = "<any>"
+"""``expected`` for an unconditional move (an operator's explicit command)."""
 
 
 def check_version(version: str) -> str:
@@ -100,25 +111,54 @@ class Registry:
         os.replace(staged, target)  # same file system: atomic
         return manifest.version
 
-    def promote(self, version: str) -> None:
-        """Point ``current`` at ``version`` (which must be published)."""
+    def promote(self, version: str, expected: str | None = ANY) -> None:
+        """Point ``current`` at ``version`` (which must be published). With ``expected``
+        (a version, or None for an empty registry), only if the pointer still names it:
+        a run started on A never undoes a rollback that happened while it ran."""
         self.path(version)
-        state = self._read_pointer()
-        history = list(state["history"]) if state else []
-        if state and state["version"] != version:
-            history.append(state["version"])
-        self._write_pointer({"version": version, "history": history, "updated_at": time.time()})
+        with self._pointer_lock():
+            state = self._checked(expected, f"promote {version}")
+            history = list(state["history"]) if state else []
+            if state and state["version"] != version:
+                history.append(state["version"])
+            self._write_pointer({"version": version, "history": history, "updated_at": time.time()})
 
-    def rollback(self) -> str:
+    def rollback(self, expected: str | None = ANY) -> str:
         """Point ``current`` back at the version before it; returns that version."""
+        with self._pointer_lock():
+            state = self._checked(expected, "roll back")
+            if not state or not state["history"]:
+                raise RegistryError(
+                    "nothing to roll back to: the current version has no predecessor"
+                )
+            history = list(state["history"])
+            previous = history.pop()
+            self.path(previous)
+            self._write_pointer(
+                {"version": previous, "history": history, "updated_at": time.time()}
+            )
+            return previous
+
+    def _checked(self, expected: str | None, action: str) -> dict[str, Any] | None:
         state = self._read_pointer()
-        if not state or not state["history"]:
-            raise RegistryError("nothing to roll back to: the current version has no predecessor")
-        history = list(state["history"])
-        previous = history.pop()
-        self.path(previous)
-        self._write_pointer({"version": previous, "history": history, "updated_at": time.time()})
-        return previous
+        actual = state["version"] if state else None
+        if expected != ANY and actual != expected:
+            raise PointerMoved(
+                f"not done ({action}): current is {actual}, not {expected} as expected; "
+                "it moved meanwhile (a rollback or another promotion)"
+            )
+        return state
+
+    @contextlib.contextmanager
+    def _pointer_lock(self) -> Iterator[None]:
+        """Pointer moves on this registry happen one at a time (an advisory file lock)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".pointer.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def import_folder(self, folder: Path) -> str:
         """Copy an existing model folder in (e.g. the seed student); returns its version."""

@@ -79,3 +79,67 @@ def test_version_ids_that_would_leave_the_registry_are_refused(tmp_path, bad):
     registry = Registry(tmp_path)
     with pytest.raises(RegistryError, match="not valid"):
         registry.path(bad)
+
+
+def test_promotion_is_compare_and_set(tmp_path):
+    from serving.registry import PointerMoved
+
+    registry = Registry(tmp_path / "reg")
+    for v in ("v1", "v2", "v3"):
+        registry.publish(staged_version(tmp_path, v))
+    registry.promote("v1", expected=None)  # an empty registry expects nothing
+    registry.promote("v2", expected="v1")
+    # a run started on v2; meanwhile an operator rolls back to v1
+    registry.rollback(expected="v2")
+    with pytest.raises(PointerMoved, match="current is v1, not v2"):
+        registry.promote("v3", expected="v2")  # the run must not undo the rollback
+    assert registry.current() == "v1" and registry.history() == []
+    with pytest.raises(PointerMoved):
+        registry.rollback(expected="v3")
+    registry.promote("v3")  # an explicit command without expected still moves it
+
+
+def test_concurrent_compare_and_set_promotions_let_exactly_one_through(tmp_path):
+    import threading
+
+    from serving.registry import PointerMoved
+
+    registry = Registry(tmp_path / "reg")
+    versions = [f"v{i}" for i in range(9)]
+    for v in versions:
+        registry.publish(staged_version(tmp_path, v))
+    registry.promote("v0")
+    outcomes: list[str] = []
+    start = threading.Barrier(8)
+
+    def run(version: str) -> None:
+        start.wait()
+        try:
+            Registry(tmp_path / "reg").promote(version, expected="v0")
+            outcomes.append(version)
+        except PointerMoved:
+            outcomes.append("moved")
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in versions[1:]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o != "moved"]
+    assert len(winners) == 1 and registry.current() == winners[0]
+    assert registry.history() == ["v0"]
+
+
+def test_the_cli_promotes_and_rolls_back_only_when_told_what_it_expects(tmp_path, capsys):
+    from protege.cli import main
+
+    registry = Registry(tmp_path / "reg")
+    for v in ("v1", "v2"):
+        registry.publish(staged_version(tmp_path, v))
+    registry.promote("v1")
+    root = str(tmp_path / "reg")
+    assert main(["registry", "--registry", root, "promote", "v2", "--expected", "v9"]) == 2
+    assert "current is v1, not v9" in capsys.readouterr().err
+    assert main(["registry", "--registry", root, "promote", "v2", "--expected", "v1"]) == 0
+    assert main(["registry", "--registry", root, "rollback", "--expected", "v2"]) == 0
+    assert registry.current() == "v1"
