@@ -82,7 +82,7 @@ def print_init_report(report: dict) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from protege.gateway_process import RegistryFollower, load_serve_config, running_gateway
+    from protege.gateway_process import load_serve_config, running_gateway
 
     config = load_serve_config(args.config)
     stop = threading.Event()
@@ -90,9 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         config, port=args.port, metrics_port=args.metrics_port, ingress=args.ingress
     ) as url:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # after ray.init, which sets its own
-        registry = config["applications"][0].get("args", {}).get("registry")
-        if registry:
-            RegistryFollower(config, Path(registry)).start()  # promotions hot-swap in place
+        # every Gateway replica follows the registry's current pointer itself
         print(f"protege is serving at {url} (docs: {url}/docs); Ctrl-C stops it", flush=True)
         print(_access_line(config), flush=True)
         with contextlib.suppress(KeyboardInterrupt):

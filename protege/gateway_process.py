@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +12,6 @@ import yaml
 
 from serving import local_ray
 from serving.client import ProtegeClient
-from serving.registry import Registry
 
 DEFAULT_CONFIG = Path("deploy/serve_config.yaml")
 
@@ -68,29 +66,3 @@ def with_student(config: dict[str, Any], version: str) -> dict[str, Any]:
             deployments.append(gateway)
         gateway["user_config"] = {"student_version": version}
     return updated
-
-
-class RegistryFollower(threading.Thread):
-    """Polls the registry's current pointer and applies each move to the running gateway."""
-
-    def __init__(self, config: dict[str, Any], registry: Path, every_s: float = 2.0) -> None:
-        super().__init__(daemon=True, name="registry-follower")
-        self.config, self.registry, self.every_s = config, Registry(registry), every_s
-        self.applied = self.registry.current()
-        self.stopped = threading.Event()
-        self.failures = 0
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.every_s):
-            try:
-                self.follow_once()
-            except Exception as exc:  # a failed apply never ends the following: retried
-                self.failures += 1
-                print(f"registry follower: apply failed, retrying: {exc}", flush=True)
-
-    def follow_once(self) -> None:
-        current = self.registry.current()
-        if current and current != self.applied:
-            print(f"registry current -> {current}: hot-swapping the student", flush=True)
-            local_ray.deploy_config(with_student(self.config, current), Path.cwd())
-            self.applied = current

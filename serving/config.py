@@ -164,8 +164,13 @@ class GatewayConfig(_Strict):
     )
     registry: Path | None = Field(
         default=None,
-        description="Model registry folder: its current version is served, and user_config "
-        "{student_version, threshold} hot-swaps to another of its versions",
+        description="Model registry folder: every replica serves its current version "
+        "(polled every registry_poll_s); user_config {student_version} pins another",
+    )
+    registry_poll_s: PositiveFloat = Field(
+        default=5.0,
+        description="How often each replica reads the registry's current pointer and swaps "
+        "to the version it names (unless user_config pins one)",
     )
     student_loader: str = Field(
         default="serving.hot_swap:load_student",
@@ -184,7 +189,8 @@ class SwapRequest(_Strict):
     student_version: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-        description="A version in the registry (pins it; without it the version serving stays)",
+        description="A version in the registry to pin (a held rollback); without it every "
+        "replica follows the registry's current pointer",
     )
     threshold: float | None = Field(
         default=None, ge=0, le=1, description="Override the version's calibrated threshold"

@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.access import gatekeeper
 from serving.config import GatewayConfig, SwapRequest
+from serving.follow import PointerFollower
 from serving.hot_swap import StudentSlot, import_loader, without_paths
 from serving.http_api import Readiness, build_api
 from serving.log_sink import LogSink
@@ -63,6 +64,11 @@ class Gateway:
             loader,
             on_result=self._swapped,
         )
+        self.follower = (
+            PointerFollower(self.registry.current, self.registry.path, self.slot)
+            if self.registry
+            else None
+        )
         self.labels = initial.model.labels
         self._student_batch.set_max_batch_size(config.batching.max_batch_size)  # type: ignore[attr-defined]
         self._student_batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -81,11 +87,23 @@ class Gateway:
         # versions, threshold and eval figures stay visible between swaps
         self._stopped = threading.Event()
         threading.Thread(target=self._republish, daemon=True, name="serving-gauges").start()
+        if self.follower is not None:
+            threading.Thread(target=self._follow, daemon=True, name="registry-follower").start()
         logger.info("student %s ready (%s)", initial.version, initial.rule.description)
 
     def _republish(self) -> None:
         while not self._stopped.wait(SERVING_GAUGES_EVERY_S):
             self._publish_serving()
+
+    def _follow(self) -> None:
+        """Read the registry's pointer every ``registry_poll_s``; a failure is logged and the
+        following goes on."""
+        assert self.follower is not None
+        while not self._stopped.wait(self.config.registry_poll_s):
+            try:
+                self.follower.poll()
+            except Exception as exc:
+                logger.warning("registry poll failed, trying again: %s", without_paths(str(exc)))
 
     def _swapped(self, result: str, seconds: float) -> None:
         self.metrics.inc("protege_hot_swaps", result=result)
@@ -107,25 +125,24 @@ class Gateway:
         )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve's in-place update: swap to ``student_version`` in the background, or, with
-        only ``threshold`` (or nothing), re-apply the serving version's threshold rule."""
+        """Serve's in-place update: ``student_version`` pins that version (loaded in the
+        background), none follows the registry's pointer again; ``threshold`` overrides
+        the version's calibrated one (applied in place when the version stays)."""
         try:
             swap = SwapRequest.model_validate(user_config)
-            version = swap.student_version or self.slot.active.version
-            if swap.student_version is None:
-                folder = self.slot.active.model.folder
-            elif self.registry is None:
+            if self.follower is not None:
+                self.follower.configure(swap.student_version, swap.threshold)
+            elif swap.student_version is not None:
                 raise ValueError("student_version in user_config needs `registry` in the config")
             else:
-                folder = self.registry.path(swap.student_version)
+                active = self.slot.active
+                self.slot.request(active.version, active.model.folder, swap.threshold)
         except Exception as exc:  # a bad update never takes the replica down
             self.slot.stats.failures += 1
             reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
             self.slot.stats.last_error = without_paths(f"user_config refused: {reason}")
             self.metrics.inc("protege_hot_swaps", result="failure")
             logger.error("hot swap refused: %s", exc)
-            return
-        self.slot.request(version, folder, swap.threshold)
 
     # --- what the routes call (serving.http_api) -------------------------------------------
 
@@ -177,6 +194,8 @@ class Gateway:
                 superseded=stats.superseded,
                 last_error=stats.last_error,
                 last_swap_seconds=stats.last_swap_seconds,
+                following=self.follower.following if self.follower else "its student.path",
+                pointer=self.follower.pointer if self.follower else None,
             ),
         )
 

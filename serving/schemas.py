@@ -108,6 +108,10 @@ class SwapStatus(BaseModel):
     superseded: int = Field(description="Loads discarded because a later request came in")
     last_error: str | None
     last_swap_seconds: float | None
+    following: str = Field(description="What this replica serves: the registry's pointer or a pin")
+    pointer: str | None = Field(
+        default=None, description="The registry's current version as this replica last read it"
+    )
 
 
 class ModelsResponse(BaseModel):

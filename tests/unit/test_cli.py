@@ -47,38 +47,6 @@ def test_run_summary_reads_like_the_report():
     assert "r1: nothing-to-do - 3 new records" in text and "new_records=3" in text
 
 
-def test_the_registry_follower_keeps_following_after_a_failed_apply(tmp_path, monkeypatch):
-    from polling import wait_for
-    from test_registry import staged_version
-
-    from protege import gateway_process
-    from serving.registry import Registry
-
-    registry = Registry(tmp_path / "registry")
-    for version in ("student-a", "student-b"):
-        registry.publish(staged_version(registry.root, version))
-    registry.promote("student-a")
-    applied: list[str] = []
-    calls = {"n": 0}
-
-    def flaky_deploy(config, base):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("controller unreachable")
-        applied.append(
-            config["applications"][0]["deployments"][0]["user_config"]["student_version"]
-        )
-
-    monkeypatch.setattr(gateway_process.local_ray, "deploy_config", flaky_deploy)
-    config = {"applications": [{"name": "protege", "deployments": []}]}
-    follower = gateway_process.RegistryFollower(config, registry.root, every_s=0.01)
-    follower.start()
-    registry.promote("student-b")
-    wait_for(lambda: applied == ["student-b"])
-    follower.stopped.set()
-    assert follower.failures == 1 and follower.applied == "student-b"
-
-
 def test_demo_spread_puts_seeds_side_by_side(tmp_path):
     import json
 
