@@ -23,7 +23,7 @@ from distill.dataset import Window, read_watermark, read_window, write_watermark
 from distill.eval_sets import cached_probs
 from distill.finetune import TrainSettings, fine_tune
 from distill.judge import Judge
-from distill.lock import run_lock
+from distill.lock import Lease, LockedError, run_lock
 from distill.offline_labels import OfflineLabels
 from distill.splits import check_share, normalise
 from distill.tables import read_labelled
@@ -43,9 +43,9 @@ def run(config: DistillConfig) -> dict[str, Any]:
     registry = Registry(config.registry)
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     began = time.time()
-    with run_lock(registry.root / "distill.lock"):
+    with run_lock(registry.root / "distill.lock") as lease:
         try:
-            report = _run_locked(config, registry, run_id)
+            report = _run_locked(config, registry, run_id, lease)
         except Exception as exc:
             failed = {
                 "run_id": run_id,
@@ -69,7 +69,9 @@ def run(config: DistillConfig) -> dict[str, Any]:
     return report
 
 
-def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[str, Any]:
+def _run_locked(
+    config: DistillConfig, registry: Registry, run_id: str, lease: Lease
+) -> dict[str, Any]:
     current = registry.current()
     if current is None:
         raise RegistryError(
@@ -107,6 +109,9 @@ def _run_locked(config: DistillConfig, registry: Registry, run_id: str) -> dict[
     labeller = OfflineLabels(teacher, config.scores_dir)
     texts, soft, labels = _training_set(config, window, labeller)
     staged, losses = _train_candidate(config, registry, current, texts, soft, labels, run_id)
+    if not lease.renew():  # another run took the lease over (ours expired): leave it to it
+        shutil.rmtree(staged, ignore_errors=True)
+        raise LockedError("this run's lease was taken over by another run: nothing published")
     try:
         return _judge_and_publish(
             config, registry, current, labeller, staged, window, losses, len(texts)
