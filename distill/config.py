@@ -46,6 +46,11 @@ class TrainConfig(_Strict):
     )
     seed: int = 0
     workers: PositiveInt = Field(default=1, description=">1 trains under Ray Train's TorchTrainer")
+    storage_path: str | None = Field(
+        default=None,
+        description="Where Ray Train keeps its checkpoints with workers > 1: a folder or URI "
+        "every node reaches (default <registry>/train-runs)",
+    )
 
 
 class ReplayConfig(_Strict):

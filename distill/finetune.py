@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.losses import distillation_loss
 from serving import defaults
@@ -62,7 +62,8 @@ def fine_tune(
 ) -> list[float]:
     """Train in place on (text, label index[, teacher probabilities]) examples; returns the
     mean loss of each epoch. With ``world_size`` > 1 (under Ray Train) each rank trains on
-    its equal share of every epoch's shuffle and gradients are averaged across ranks."""
+    its equal share of every epoch's shuffle, and DistributedDataParallel averages the
+    gradients across ranks (bucketed, overlapping the backward pass)."""
     if len(texts) != len(labels) or not texts:
         raise ValueError(
             f"need equal, non-empty texts and labels; got {len(texts)} and {len(labels)}"
@@ -71,6 +72,9 @@ def fine_tune(
     order_rng = random.Random(settings.seed)  # the same shuffle on every rank
     model.to(device)  # type: ignore[arg-type]
     model.train()
+    net: nn.Module = model
+    if world_size > 1:  # the process group is set up by Ray Train
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(
         _param_groups(model, settings), weight_decay=settings.weight_decay
     )
@@ -91,12 +95,18 @@ def fine_tune(
             for start in range(0, len(mine), settings.batch_size):
                 batch = mine[start : start + settings.batch_size]
                 loss = _batch_loss(
-                    model, tokenizer, texts, labels, soft_targets, batch, settings, device
+                    net,
+                    model.config,
+                    tokenizer,
+                    texts,
+                    labels,
+                    soft_targets,
+                    batch,
+                    settings,
+                    device,
                 )
                 optimizer.zero_grad()
                 loss.backward()
-                if world_size > 1:
-                    _average_gradients(model, world_size)
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 schedule.step()
@@ -109,7 +119,8 @@ def fine_tune(
 
 
 def _batch_loss(
-    model: PreTrainedModel,
+    net: nn.Module,
+    config: PretrainedConfig,
     tokenizer: PreTrainedTokenizerBase,
     texts: list[str],
     labels: list[int],
@@ -118,7 +129,7 @@ def _batch_loss(
     settings: TrainSettings,
     device: torch.device,
 ) -> torch.Tensor:
-    window = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    window = min(tokenizer.model_max_length, config.max_position_embeddings)
     encoded = tokenizer(
         [texts[i] for i in batch],
         padding=True,
@@ -127,21 +138,10 @@ def _batch_loss(
         return_tensors="pt",
     ).to(device)
     target = torch.tensor([labels[i] for i in batch], device=device)
-    logits = model(**encoded).logits
+    logits = net(**encoded).logits
     if soft_targets is None:
         return nn.functional.cross_entropy(logits, target)
     teacher = torch.tensor([soft_targets[i] for i in batch], device=device)
     return distillation_loss(
         logits, teacher, target, temperature=settings.temperature, alpha=settings.alpha
     )
-
-
-def _average_gradients(model: PreTrainedModel, world_size: int) -> None:
-    """What DistributedDataParallel does, without wrapping the model: mean of the ranks'
-    gradients (the process group is set up by Ray Train)."""
-    import torch.distributed as dist
-
-    for param in model.parameters():
-        if param.grad is not None:
-            dist.all_reduce(param.grad)
-            param.grad /= world_size

@@ -171,11 +171,14 @@ def _train_candidate(
     model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(source)
     t = config.train
-    settings = TrainSettings(**t.model_dump(exclude={"workers"}), **config.loss.model_dump())
+    settings = TrainSettings(
+        **t.model_dump(exclude={"workers", "storage_path"}), **config.loss.model_dump()
+    )
     if t.workers > 1:
         from distill.ray_train import train_with_ray
 
-        losses = train_with_ray(model, tokenizer, texts, labels, soft, settings, t.workers)
+        storage = t.storage_path or str((registry.root / "train-runs").resolve())
+        losses = train_with_ray(model, tokenizer, texts, labels, soft, settings, t.workers, storage)
     else:
         losses = fine_tune(
             model,

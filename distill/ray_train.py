@@ -1,8 +1,13 @@
-"""The same training loop under Ray Train's ``TorchTrainer`` with N workers.
+"""The same training loop under Ray Train's ``TorchTrainer`` with N workers, which may
+run on other nodes.
 
-Each worker loads the starting weights from a folder, trains on its share of every
-epoch, and gradients are averaged across workers; rank 0 saves the result, which is
-loaded back into the caller's model. One worker never comes here: it is a plain process.
+- The starting weights (the whole model folder: weights, config, tokenizer) travel as one
+  object in Ray's object store; each worker writes them to its own local scratch folder.
+- Each worker trains on its share of every epoch; DistributedDataParallel averages the
+  gradients (``distill.finetune``).
+- Rank 0 reports the result as a ``ray.train.Checkpoint`` under ``storage_path``, a folder
+  or URI every node reaches (the shared volume on a cluster, never one node's temp folder);
+  the caller loads it back from there. One worker never comes here: it is a plain process.
 On a cluster ``RAY_ADDRESS`` names it; locally Ray starts on 127.0.0.1.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ from distill.finetune import TrainSettings, fine_tune
 
 
 def _worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -31,10 +38,10 @@ def _worker(config: dict[str, Any]) -> None:
     meanpool.register()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        config["start"], use_safetensors=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(config["start"])
+    with tempfile.TemporaryDirectory(prefix="protege-start-") as scratch:
+        start = _unpack(ray.get(config["start"]), Path(scratch))  # from the object store
+        model = AutoModelForSequenceClassification.from_pretrained(start, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(start)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     losses = fine_tune(
         model,
@@ -48,9 +55,23 @@ def _worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world,
     )
-    if rank == 0:  # the weights are the same on every rank: one writes them
-        model.save_pretrained(config["out"])
-        (Path(config["out"]) / "epoch_losses.json").write_text(json.dumps(losses))
+    metrics = {"epoch_losses": json.dumps(losses)}
+    if rank != 0:  # the weights are the same on every rank: one reports them
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="protege-out-") as out:
+        model.save_pretrained(out)  # safetensors
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(out))
+
+
+def _pack(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _unpack(files: dict[str, bytes], folder: Path) -> Path:
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
 
 
 def _connect() -> None:
@@ -77,9 +98,13 @@ def train_with_ray(
     soft: list[list[float]],
     settings: TrainSettings,
     workers: int,
+    storage_path: str | None = None,
 ) -> list[float]:
-    """Train ``model`` in place with ``workers`` Ray Train workers; returns rank 0's losses."""
+    """Train ``model`` in place with ``workers`` Ray Train workers; returns rank 0's losses.
+    ``storage_path``: where the checkpoint goes (every node must reach it; default a local
+    temporary folder, enough for a single machine)."""
     try:
+        import ray
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -88,22 +113,27 @@ def train_with_ray(
         ) from None
     _connect()
     with tempfile.TemporaryDirectory(prefix="protege-train-") as scratch:
-        start, out = Path(scratch) / "start", Path(scratch) / "out"
+        start = Path(scratch) / "start"
         model.save_pretrained(start)
         tokenizer.save_pretrained(start)
         trainer = TorchTrainer(
             _worker,
             train_loop_config={
-                "start": str(start),
-                "out": str(out),
+                "start": ray.put(_pack(start)),
                 "texts": texts,
                 "labels": labels,
                 "soft": soft,
                 "settings": asdict(settings),
             },
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available()),
-            run_config=RunConfig(storage_path=str(Path(scratch) / "runs"), name="distill"),
+            run_config=RunConfig(
+                storage_path=storage_path or str(Path(scratch) / "runs"),
+                name=f"distill-{uuid.uuid4().hex[:8]}",
+            ),
         )
-        trainer.fit()
-        model.load_state_dict(load_file(str(out / "model.safetensors")))
-        return list(json.loads((out / "epoch_losses.json").read_text()))
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray Train returned no checkpoint: {result.error!r}")
+        with result.checkpoint.as_directory() as folder:
+            model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+        return list(json.loads((result.metrics or {})["epoch_losses"]))

@@ -25,7 +25,10 @@ def test_two_workers_train_the_model_in_place(serve_cluster, tmp_path):
         for i in range(64)
     ]
     settings = TrainSettings(epochs=2, batch_size=8, max_tokens=16, lr_encoder=1e-3, lr_head=1e-2)
-    losses = train_with_ray(model, tokenizer, texts, labels, soft, settings, workers=2)
+    storage = tmp_path / "shared-storage"  # where every node would reach the checkpoint
+    losses = train_with_ray(model, tokenizer, texts, labels, soft, settings, 2, str(storage))
     assert len(losses) == 2 and losses[1] < losses[0]
+    checkpoints = list(storage.glob("distill-*/checkpoint_*/model.safetensors"))
+    assert len(checkpoints) == 1  # the result came back as a Ray Train checkpoint there
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert "classifier.weight" in changed and any(k.startswith("bert.encoder") for k in changed)
