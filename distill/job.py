@@ -23,7 +23,7 @@ from distill.dataset import Window, read_watermark, read_window, write_watermark
 from distill.eval_sets import cached_probs
 from distill.finetune import TrainSettings, fine_tune
 from distill.judge import Judge
-from distill.lock import Lease, LockedError, run_lock
+from distill.lock import Lease, run_lock
 from distill.offline_labels import OfflineLabels
 from distill.splits import check_share, normalise
 from distill.tables import read_labelled
@@ -109,15 +109,25 @@ def _run_locked(
     labeller = OfflineLabels(teacher, config.scores_dir)
     texts, soft, labels = _training_set(config, window, labeller)
     staged, losses = _train_candidate(config, registry, current, texts, soft, labels, run_id)
-    if not lease.renew():  # another run took the lease over (ours expired): leave it to it
-        shutil.rmtree(staged, ignore_errors=True)
-        raise LockedError("this run's lease was taken over by another run: nothing published")
     try:
-        return _judge_and_publish(
-            config, registry, current, labeller, staged, window, losses, len(texts)
+        if not lease.renew():
+            return _lease_lost(current)
+        report = _judge_and_publish(
+            config, registry, current, labeller, staged, window, losses, len(texts), lease
         )
+        return report
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def _lease_lost(current: str) -> dict[str, Any]:
+    """Another run took the lease over (this one stopped renewing in time): it publishes,
+    promotes and consumes nothing, and leaves the registry to that run."""
+    return {
+        "result": "lease-lost",
+        "reason": "this run's lease was taken over by another run: nothing published",
+        "current": current,
+    }
 
 
 def _training_set(
@@ -206,6 +216,7 @@ def _judge_and_publish(
     window: Window,
     losses: list[float],
     examples: int,
+    lease: Lease,
 ) -> dict[str, Any]:
     candidate = f"student-{weights_digest(staged)}"
     training = {
@@ -248,6 +259,8 @@ def _judge_and_publish(
             "window": window.describe(),
         }
     flat = {name: _flat(figures.get(name)) for name in ("current", "candidate")}
+    if not lease.renew():  # checked again before anything is written
+        return _lease_lost(current)
     if decision.promote:
         write_manifest(
             staged,

@@ -23,6 +23,7 @@ RESULTS = (
     "promoted",
     "rejected",
     "superseded",  # accepted, but the pointer moved during the run (a rollback): not promoted
+    "lease-lost",  # another run took the lease over: nothing published
     "not-enough-evidence",
     "nothing-to-do",
     "failed",

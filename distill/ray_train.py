@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from dataclasses import asdict
@@ -31,6 +32,7 @@ from distill.finetune import TrainSettings, fine_tune
 def _worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
+    import ray.train.torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from serving import meanpool
@@ -42,7 +44,7 @@ def _worker(config: dict[str, Any]) -> None:
         start = _unpack(ray.get(config["start"]), Path(scratch))  # from the object store
         model = AutoModelForSequenceClassification.from_pretrained(start, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(start)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ray.train.torch.get_device()  # this worker's own GPU, or the CPU
     losses = fine_tune(
         model,
         tokenizer,
@@ -136,4 +138,14 @@ def train_with_ray(
             raise RuntimeError(f"Ray Train returned no checkpoint: {result.error!r}")
         with result.checkpoint.as_directory() as folder:
             model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
-        return list(json.loads((result.metrics or {})["epoch_losses"]))
+        losses = list(json.loads((result.metrics or {})["epoch_losses"]))
+        _remove_run(result.path)
+        return losses
+
+
+def _remove_run(path: str) -> None:
+    """The run's folder under the storage path, once its checkpoint is loaded (each run
+    would otherwise leave a whole model there). Only local or mounted folders: a URI's
+    run is left to the store's lifecycle rules."""
+    if "://" not in path:
+        shutil.rmtree(path, ignore_errors=True)

@@ -40,7 +40,7 @@ class PointerFollower:
         self.threshold: float | None = None
         self.pointer: str | None = None  # the last pointer value read
         self._asked: tuple[str, float | None] = (slot.active.version, None)
-        self._asked_at = clock()
+        self._failed_at: float | None = None  # when the last request was first seen failed
 
     @property
     def following(self) -> str:
@@ -59,17 +59,30 @@ class PointerFollower:
             self._apply(force=False)
 
     def _apply(self, force: bool) -> None:
-        self.pointer = self._read_pointer()
+        try:
+            self.pointer = self._read_pointer()
+        except Exception:
+            if self.pin is None:
+                raise  # tried again next poll
+            # pinned: the pointer does not matter now
         target = self.pin or self.pointer or self.slot.active.version
         wanted = (target, self.threshold)
         if wanted == self._asked and not force and not self._retry_due(target):
             return
-        folder = self._folder_of(target)  # a RegistryError here: tried again next poll
-        self._asked, self._asked_at = wanted, self._clock()
+        active = self.slot.active
+        # a RegistryError here: tried again next poll
+        folder = active.model.folder if target == active.version else self._folder_of(target)
+        self._asked, self._failed_at = wanted, None
         if self.slot.request(target, folder, self.threshold):
             logger.info("following %s: asked for %s", self.following, target)
 
     def _retry_due(self, target: str) -> bool:
-        """The last request for ``target`` failed (nothing serves or loads it) long enough ago."""
+        """The last request for ``target`` failed (nothing serves or loads it), and the
+        failure was seen ``retry_failed_s`` ago."""
         failed = self.slot.active.version != target and self.slot.stats.loading != target
-        return failed and self._clock() - self._asked_at >= self._retry_failed_s
+        if not failed:
+            self._failed_at = None
+            return False
+        if self._failed_at is None:
+            self._failed_at = self._clock()
+        return self._clock() - self._failed_at >= self._retry_failed_s

@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from serving.access import gatekeeper
 from serving.config import GatewayConfig, SwapRequest
 from serving.follow import PointerFollower
-from serving.hot_swap import StudentSlot, import_loader, without_paths
+from serving.hot_swap import ActiveStudent, Loader, StudentSlot, import_loader, without_paths
 from serving.http_api import Readiness, build_api
 from serving.log_sink import LogSink
 from serving.metrics import GatewayMetrics
@@ -34,6 +34,7 @@ from serving.service import Answer, CascadeService, Routing, StudentRow
 
 logger = logging.getLogger("ray.serve")
 SERVING_GAUGES_EVERY_S = 5.0
+FIRST_LOAD_WAIT_S = 300.0  # Serve holds a new replica's first requests while reconfigure runs
 
 
 @serve.deployment(
@@ -52,9 +53,8 @@ class Gateway:
         self.teacher = teacher
         self.registry = Registry(config.registry) if config.registry else None
         loader = import_loader(config.student_loader)
-        initial = loader(
-            self._initial_folder(), config.cascade, config.device, config.student.max_tokens, None
-        )
+        initial = self._load_initial(loader)
+        self._configured = False
         self.metrics = GatewayMetrics()
         self.slot = StudentSlot(
             initial,
@@ -118,11 +118,25 @@ class Gateway:
         self.metrics.serving(student.version, teacher, student.rule.value, figures, self._serving)
         self._serving = (student.version, teacher)
 
-    def _initial_folder(self) -> Path:
+    def _load_initial(self, loader: Loader) -> ActiveStudent:
+        """The registry's current version; ``student.path`` when there is none, or when it
+        cannot be loaded (a replica must come up: the follower keeps trying the pointer)."""
+        config = self.config
+
+        def load(folder: Path) -> ActiveStudent:
+            return loader(folder, config.cascade, config.device, config.student.max_tokens, None)
+
         current = self.registry.current() if self.registry else None
-        return (
-            self.registry.path(current) if self.registry and current else self.config.student.path
-        )
+        if self.registry is not None and current:
+            try:
+                return load(self.registry.path(current))
+            except Exception as exc:
+                logger.error(
+                    "current version %s cannot be loaded, serving student.path: %s",
+                    current,
+                    without_paths(str(exc)),
+                )
+        return load(config.student.path)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's in-place update: ``student_version`` pins that version (loaded in the
@@ -132,11 +146,14 @@ class Gateway:
             swap = SwapRequest.model_validate(user_config)
             if self.follower is not None:
                 self.follower.configure(swap.student_version, swap.threshold)
+                if not self._configured:  # a new replica serves the pinned version at once
+                    self.slot.wait(FIRST_LOAD_WAIT_S)
             elif swap.student_version is not None:
                 raise ValueError("student_version in user_config needs `registry` in the config")
             else:
                 active = self.slot.active
                 self.slot.request(active.version, active.model.folder, swap.threshold)
+            self._configured = True
         except Exception as exc:  # a bad update never takes the replica down
             self.slot.stats.failures += 1
             reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)

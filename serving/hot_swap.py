@@ -156,6 +156,13 @@ class StudentSlot:
         thread.start()
         return True
 
+    def wait(self, timeout_s: float) -> None:
+        """Until no load is in progress (or ``timeout_s``): for a replica's first
+        configuration, which must serve the version asked for from its first request."""
+        deadline = time.monotonic() + timeout_s
+        while self.stats.loading is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def _cascade_for(self, threshold: float | None) -> CascadeConfig:
         if threshold is None:
             return self._cascade

@@ -28,7 +28,7 @@ def test_two_workers_train_the_model_in_place(serve_cluster, tmp_path):
     storage = tmp_path / "shared-storage"  # where every node would reach the checkpoint
     losses = train_with_ray(model, tokenizer, texts, labels, soft, settings, 2, str(storage))
     assert len(losses) == 2 and losses[1] < losses[0]
-    checkpoints = list(storage.glob("distill-*/checkpoint_*/model.safetensors"))
-    assert len(checkpoints) == 1  # the result came back as a Ray Train checkpoint there
+    assert storage.is_dir()  # the run kept its checkpoint there ...
+    assert list(storage.glob("distill-*/checkpoint_*")) == []  # ... until it was loaded
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert "classifier.weight" in changed and any(k.startswith("bert.encoder") for k in changed)

@@ -9,11 +9,15 @@ from serving.follow import PointerFollower
 from serving.registry import RegistryError
 
 
+def active(version: str) -> SimpleNamespace:
+    return SimpleNamespace(version=version, model=SimpleNamespace(folder=Path("/x") / version))
+
+
 class Slot:
     """Stands in for StudentSlot: records requests; the test decides how loads end."""
 
     def __init__(self, version: str) -> None:
-        self.active = SimpleNamespace(version=version)
+        self.active = active(version)
         self.stats = SimpleNamespace(loading=None)
         self.requests: list[tuple[str, float | None]] = []
 
@@ -24,7 +28,7 @@ class Slot:
 
     def finish(self, ok: bool = True) -> None:
         if ok and self.stats.loading:
-            self.active = SimpleNamespace(version=self.stats.loading)
+            self.active = active(self.stats.loading)
         self.stats.loading = None
 
 
@@ -109,3 +113,35 @@ def test_a_pointer_to_a_version_not_yet_visible_is_tried_again_next_poll():
     registry.known.add("v2")
     follow.poll()
     assert slot.requests == [("v2", None)]
+
+
+def test_a_threshold_change_works_for_a_student_that_is_not_in_the_registry():
+    follow, _, slot, _ = follower(pointer=None, known=(), active="seed-from-student-path")
+    follow.configure(None, 0.4)  # an empty registry: the serving student stays, in place
+    assert slot.requests == [("seed-from-student-path", 0.4)]
+
+
+def test_a_pin_takes_effect_even_when_the_pointer_cannot_be_read():
+    registry, slot = Registry("v1", {"v1", "v2"}), Slot("v1")
+
+    def unreadable() -> str | None:
+        raise OSError("the registry's volume is gone")
+
+    follow = PointerFollower(unreadable, registry.path, slot)
+    follow.configure("v2", None)
+    assert slot.requests == [("v2", None)]
+    with pytest.raises(OSError):
+        PointerFollower(unreadable, registry.path, Slot("v1")).poll()  # unpinned: retried
+
+
+def test_the_retry_wait_counts_from_when_the_failure_was_seen():
+    follow, registry, slot, now = follower()
+    registry.current = "v2"
+    follow.poll()
+    now[0] += 100  # a load that took longer than the retry interval ...
+    slot.finish(ok=False)  # ... and then failed
+    follow.poll()
+    assert slot.requests == [("v2", None)]  # not retried at once
+    now[0] += 61
+    follow.poll()
+    assert slot.requests == [("v2", None), ("v2", None)]

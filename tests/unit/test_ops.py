@@ -31,6 +31,7 @@ def test_run_counts_come_from_the_run_reports(tmp_path):
         "rejected": 2,
         "failed": 1,
         "superseded": 0,
+        "lease-lost": 0,
         "nothing-to-do": 0,
         "not-enough-evidence": 0,
     }
