@@ -113,6 +113,22 @@ def app_config(name: str, args: dict, user_config: dict) -> dict:
     }
 
 
+_DEPLOYED: list[str] = []  # apps from deploy_with_teacher, deleted after their module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _delete_apps_after_module() -> Iterator[None]:
+    """Apps a module deployed with deploy_with_teacher go when it ends: idle apps left in the
+    session's Ray still cost CPU and metric series for every later test."""
+    yield
+    if _DEPLOYED:
+        from ray import serve
+
+        for name in _DEPLOYED:
+            serve.delete(name)
+        _DEPLOYED.clear()
+
+
 def deploy_with_teacher(
     serve_cluster: int, name: str, args: dict, teacher, **gateway_options
 ) -> ProtegeClient:
@@ -126,6 +142,7 @@ def deploy_with_teacher(
     config = load_config(args)
     app = Gateway.options(**gateway_options).bind(config, teacher)
     serve.run(app, name=name, route_prefix=f"/{name}")
+    _DEPLOYED.append(name)
     client = ProtegeClient(
         f"http://127.0.0.1:{serve_cluster}/{name}", api_key=steering()[0], timeout=60
     )

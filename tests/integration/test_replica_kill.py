@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 from conftest import app_config, auth, deploy_with_teacher, tiny_config, wait_for
+from ray import serve
 from test_hot_swap import Load, add_version
 
 from serving import local_ray
@@ -187,3 +188,4 @@ def test_a_hot_swap_interrupted_by_a_kill_ends_on_the_version_asked_for(
         wait_for(lambda: sum(t > settled for t, _ in load.versions) > 20)
     assert {v for t, v in load.versions if t > settled} == {new}
     assert registry.current() == old  # a user_config pin, not a promotion
+    serve.delete("swap-kill")
