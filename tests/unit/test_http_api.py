@@ -203,6 +203,18 @@ def test_the_openapi_document_states_the_limits_and_every_error():
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
 
 
+def classify_scope(headers: dict[str, str]) -> dict:
+    """A raw ASGI scope for POST /v1/classify (for messages httpx cannot send)."""
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/classify",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "query_string": b"",
+    }
+
+
 def test_a_client_that_leaves_mid_body_is_neither_answered_nor_counted():
     app, backend, rejected = make()
     sent: list[dict] = []
@@ -219,15 +231,7 @@ def test_a_client_that_leaves_mid_body_is_neither_answered_nor_counted():
     async def send(message):
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/classify",
-        "root_path": "",
-        "headers": [(b"authorization", f"Bearer {PLAIN}".encode())],
-        "query_string": b"",
-    }
-    asyncio.run(app(scope, receive, send))
+    asyncio.run(app(classify_scope(bearer(PLAIN)), receive, send))
     assert sent == [] and backend.calls == [] and rejected == []
 
 
@@ -243,13 +247,5 @@ def test_a_content_length_that_is_not_a_number_is_not_a_500():
     async def send(message):
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/classify",
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in scope_headers.items()],
-        "query_string": b"",
-    }
-    asyncio.run(guard(scope, receive, send))
+    asyncio.run(guard(classify_scope(scope_headers), receive, send))
     assert sent[0]["status"] == 200
