@@ -21,6 +21,7 @@ from pydantic import (
 
 from serving import defaults
 from serving.scoring import ScorerName
+from serving.storage import is_remote
 
 
 class _Strict(BaseModel):
@@ -112,8 +113,22 @@ class GateConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    registry: Path = Field(description="Model registry folder (versions, current pointer, runs)")
-    log_dir: Path = Field(description="The gateway's escalation log folder")
+    registry: str = Field(
+        description="Model registry: a folder or s3://bucket/prefix (versions, pointer, runs)"
+    )
+    log_dir: str = Field(
+        description="The escalation log: the gateway's log folder, or where it ships "
+        "segments (log.ship_to: a shared folder or s3://bucket/prefix)"
+    )
+    s3_endpoint: str | None = Field(
+        default=None,
+        description="The S3-compatible endpoint for s3:// URIs (default $AWS_ENDPOINT_URL; "
+        "credentials from the AWS environment variables)",
+    )
+    work_dir: Path = Field(
+        default=Path("var/cache/distill-work"),
+        description="Local scratch: downloaded log segments and versions of an object store",
+    )
     teacher: Path = Field(description="Teacher model folder (labels records offline)")
     traffic: Path | None = Field(
         default=None,
@@ -123,7 +138,9 @@ class DistillConfig(_Strict):
         default=None, description="Gold labels (text, label): gold accuracy beside the estimates"
     )
     cache_dir: Path | None = Field(
-        default=None, description="Score cache (default: <registry>/cache)"
+        default=None,
+        description="Score cache (default: <registry>/cache, or <work_dir>/scores for an "
+        "object-store registry)",
     )
     scorer: ScorerName = Field(default=defaults.SCORER, description="The scorer serving uses")
     min_records: NonNegativeInt = Field(default=50, description="Fewer new records: nothing to do")
@@ -139,7 +156,11 @@ class DistillConfig(_Strict):
 
     @property
     def scores_dir(self) -> Path:
-        return self.cache_dir or self.registry / "cache"
+        if self.cache_dir is not None:
+            return self.cache_dir
+        return (
+            self.work_dir / "scores" if is_remote(self.registry) else Path(self.registry) / "cache"
+        )
 
 
 def load_distill_config(path: Path, **overrides: object) -> DistillConfig:

@@ -18,13 +18,13 @@ exactly the new records, and a torn last line is never half-read.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.splits import Role, role_of
 from serving.escalation_log import EscalationRecord, ReadStats, list_segments, read_from
+from serving.storage import Store
 
 WATERMARK_NAME = "watermark.json"
 
@@ -54,17 +54,14 @@ class Window:
         }
 
 
-def read_watermark(registry: Path) -> dict[str, int]:
-    path = Path(registry) / WATERMARK_NAME
-    return dict(json.loads(path.read_text())) if path.exists() else {}
+def read_watermark(store: Store) -> dict[str, int]:
+    """Per segment name, the byte offset consumed so far (kept beside the registry)."""
+    data = store.read(WATERMARK_NAME)
+    return dict(json.loads(data)) if data else {}
 
 
-def write_watermark(registry: Path, watermark: dict[str, int]) -> None:
-    path = Path(registry) / WATERMARK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(watermark, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def write_watermark(store: Store, watermark: dict[str, int]) -> None:
+    store.write(WATERMARK_NAME, json.dumps(watermark, indent=1, sort_keys=True).encode())
 
 
 def read_window(

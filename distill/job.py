@@ -9,6 +9,7 @@ The run report (registry/runs/<run id>.json) says what happened and why.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 import uuid
@@ -29,6 +30,7 @@ from distill.splits import check_share, normalise
 from distill.tables import read_labelled
 from serving import meanpool
 from serving.classifier import Classifier, pick_device
+from serving.log_shipping import fetch_shipped
 from serving.manifest import (
     DefaultTarget,
     ModelManifest,
@@ -36,14 +38,18 @@ from serving.manifest import (
     write_manifest,
 )
 from serving.registry import PointerMoved, Registry, RegistryError
+from serving.storage import is_remote, open_store
 
 
 def run(config: DistillConfig) -> dict[str, Any]:
     """Run once; returns the run report (also written to the registry)."""
-    registry = Registry(config.registry)
+    registry = Registry(
+        config.registry, cache_dir=config.work_dir / "registry", endpoint_url=config.s3_endpoint
+    )
+    registry.store.check()  # unreachable: a clear error naming it, before anything else
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     began = time.time()
-    with run_lock(registry.root / "distill.lock") as lease:
+    with run_lock(registry.store) as lease:
         try:
             report = _run_locked(config, registry, run_id, lease)
         except Exception as exc:
@@ -52,21 +58,27 @@ def run(config: DistillConfig) -> dict[str, Any]:
                 "result": "failed",
                 "reason": f"{type(exc).__name__}: {exc}",
                 "seconds": round(time.time() - began, 1),
+                "finished_at": time.time(),
             }
             registry.write_run(run_id, failed)
-            metrics.push(
-                config.pushgateway,
-                failed,
-                registry.runs_dir,
-                metrics.last_success(registry.runs_dir),
-            )
+            metrics.push(config.pushgateway, failed, registry.runs())
             raise
-    report = {"run_id": run_id, **report, "seconds": round(time.time() - began, 1)}
+    seconds = round(time.time() - began, 1)
+    report = {"run_id": run_id, **report, "seconds": seconds, "finished_at": time.time()}
     registry.write_run(run_id, report)
-    metrics.push(
-        config.pushgateway, report, registry.runs_dir, metrics.last_success(registry.runs_dir)
-    )
+    metrics.push(config.pushgateway, report, registry.runs())
     return report
+
+
+def _log_folder(config: DistillConfig) -> Path:
+    """The log as a local folder: shipped segments of an object store are downloaded into
+    ``work_dir`` first (they never change, so only new ones are fetched)."""
+    if not is_remote(config.log_dir):
+        return Path(config.log_dir)
+    store = open_store(config.log_dir, config.s3_endpoint)
+    store.check()
+    name = hashlib.sha256(config.log_dir.encode()).hexdigest()[:12]
+    return fetch_shipped(store, config.work_dir / "log" / name)
 
 
 def _run_locked(
@@ -75,13 +87,13 @@ def _run_locked(
     current = registry.current()
     if current is None:
         raise RegistryError(
-            f"registry {registry.root} has no current student: run `protege init TASK.yaml` "
+            f"registry {registry.uri} has no current student: run `protege init TASK.yaml` "
             "(or `protege registry import FOLDER --promote`) first"
         )
-    check_share(registry.root, config.eval.share)
-    watermark = read_watermark(registry.root)
+    check_share(registry.store, config.eval.share)
+    watermark = read_watermark(registry.store)
     window = read_window(
-        config.log_dir,
+        _log_folder(config),
         watermark,
         eval_share=config.eval.share,
         replay=config.replay.earlier_records,
@@ -187,8 +199,14 @@ def _train_candidate(
     if t.workers > 1:
         from distill.ray_train import train_with_ray
 
-        storage = t.storage_path or str((registry.root / "train-runs").resolve())
-        losses = train_with_ray(model, tokenizer, texts, labels, soft, settings, t.workers, storage)
+        storage = t.storage_path or (
+            f"{registry.uri}/train-runs"
+            if registry.local is None
+            else str((registry.local / "train-runs").resolve())
+        )
+        losses = train_with_ray(
+            model, tokenizer, texts, labels, soft, settings, t.workers, storage, config.s3_endpoint
+        )
     else:
         losses = fine_tune(
             model,
@@ -200,7 +218,7 @@ def _train_candidate(
             desc=f"distil {current}",
             soft_targets=soft,
         )
-    staged = registry.root / "staging" / run_id
+    staged = registry.staging_dir() / run_id
     shutil.rmtree(staged, ignore_errors=True)
     model.save_pretrained(staged)
     tokenizer.save_pretrained(staged)
@@ -273,7 +291,7 @@ def _judge_and_publish(
         )
         registry.publish(staged)
     result, reason = decision_result(registry, decision, candidate, current)
-    write_watermark(registry.root, window.watermark)  # consumed, promoted or not
+    write_watermark(registry.store, window.watermark)  # consumed, promoted or not
     return {
         "result": result,
         "reason": reason,

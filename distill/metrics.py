@@ -8,11 +8,9 @@ restarts even though each push replaces the job's previous group.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
@@ -31,31 +29,22 @@ RESULTS = (
 COMPLETED = ("promoted", "rejected", "superseded")
 
 
-def read_runs(runs_dir: Path) -> list[tuple[Path, str]]:
-    """(report file, result) for every run report; an unreadable one counts as such."""
-    runs = []
-    for path in sorted(Path(runs_dir).glob("*.json")):
-        try:
-            runs.append((path, str(json.loads(path.read_text()).get("result", "unknown"))))
-        except (OSError, ValueError):
-            runs.append((path, "unreadable"))
-    return runs
+def run_counts(reports: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(str(r.get("result", "unknown")) for r in reports)
 
 
-def run_counts(runs_dir: Path) -> Counter[str]:
-    return Counter(result for _, result in read_runs(runs_dir))
-
-
-def last_success(runs_dir: Path) -> float | None:
-    """When a run last completed (promoted, rejected or superseded), from the reports'
-    file times."""
-    times = [p.stat().st_mtime for p, result in read_runs(runs_dir) if result in COMPLETED]
+def last_success(reports: list[dict[str, Any]]) -> float | None:
+    """When a run last completed (promoted, rejected or superseded)."""
+    times = [
+        float(r["finished_at"])
+        for r in reports
+        if r.get("result") in COMPLETED and "finished_at" in r
+    ]
     return max(times, default=None)
 
 
-def collect(
-    report: dict[str, Any], runs_dir: Path, last_success: float | None
-) -> CollectorRegistry:
+def collect(report: dict[str, Any], reports: list[dict[str, Any]]) -> CollectorRegistry:
+    """The job's gauges: ``report`` is this run's, ``reports`` every run's (this one too)."""
     registry = CollectorRegistry()
     runs = Gauge(
         "protege_distill_runs_total",
@@ -63,7 +52,7 @@ def collect(
         ["result"],
         registry=registry,
     )
-    counts = run_counts(runs_dir)
+    counts = run_counts(reports)
     for result in sorted(set(RESULTS) | set(counts)):
         runs.labels(result=result).set(counts.get(result, 0))
     Gauge(
@@ -72,12 +61,13 @@ def collect(
     Gauge(
         "protege_distill_last_run_duration_seconds", "How long the last run took", registry=registry
     ).set(float(report.get("seconds", 0.0)))
-    if last_success is not None:
+    success = last_success(reports)
+    if success is not None:
         Gauge(
             "protege_distill_last_success_timestamp_seconds",
             "When a run last completed (promoted or rejected)",
             registry=registry,
-        ).set(last_success)
+        ).set(success)
     window = report.get("window", {})
     Gauge(
         "protege_distill_records_consumed",
@@ -117,16 +107,12 @@ def collect(
     return registry
 
 
-def push(
-    address: str | None, report: dict[str, Any], runs_dir: Path, last_success: float | None
-) -> bool:
+def push(address: str | None, report: dict[str, Any], reports: list[dict[str, Any]]) -> bool:
     """Push when ``address`` is set; a Pushgateway that is down is a warning, never a failure."""
     if not address:
         return False
     try:
-        push_to_gateway(
-            address, job=JOB, registry=collect(report, runs_dir, last_success), timeout=5
-        )
+        push_to_gateway(address, job=JOB, registry=collect(report, reports), timeout=5)
     except OSError as exc:
         logger.warning("could not push distillation metrics to %s: %s", address, exc)
         return False

@@ -13,6 +13,7 @@ On a cluster ``RAY_ADDRESS`` names it; locally Ray starts on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -101,10 +102,12 @@ def train_with_ray(
     settings: TrainSettings,
     workers: int,
     storage_path: str | None = None,
+    s3_endpoint: str | None = None,
 ) -> list[float]:
     """Train ``model`` in place with ``workers`` Ray Train workers; returns rank 0's losses.
     ``storage_path``: where the checkpoint goes (every node must reach it; default a local
-    temporary folder, enough for a single machine)."""
+    temporary folder, enough for a single machine; ``s3://bucket/prefix`` through pyarrow's
+    S3 file system at ``s3_endpoint`` or $AWS_ENDPOINT_URL)."""
     try:
         import ray
         from ray.train import RunConfig, ScalingConfig
@@ -115,6 +118,7 @@ def train_with_ray(
         ) from None
     _connect()
     with tempfile.TemporaryDirectory(prefix="protege-train-") as scratch:
+        path, filesystem = _storage(storage_path or str(Path(scratch) / "runs"), s3_endpoint)
         start = Path(scratch) / "start"
         model.save_pretrained(start)
         tokenizer.save_pretrained(start)
@@ -129,7 +133,8 @@ def train_with_ray(
             },
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available()),
             run_config=RunConfig(
-                storage_path=storage_path or str(Path(scratch) / "runs"),
+                storage_path=path,
+                storage_filesystem=filesystem,
                 name=f"distill-{uuid.uuid4().hex[:8]}",
             ),
         )
@@ -139,13 +144,29 @@ def train_with_ray(
         with result.checkpoint.as_directory() as folder:
             model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
         losses = list(json.loads((result.metrics or {})["epoch_losses"]))
-        _remove_run(result.path)
+        _remove_run(result.path, filesystem)
         return losses
 
 
-def _remove_run(path: str) -> None:
+def _storage(uri: str, s3_endpoint: str | None) -> tuple[str, Any]:
+    """Ray Train's storage path and file system for a folder or an s3:// URI."""
+    if not uri.startswith("s3://"):
+        return uri, None
+    from pyarrow import fs
+
+    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    scheme = "http" if endpoint and endpoint.startswith("http://") else "https"
+    filesystem = fs.S3FileSystem(
+        endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None, scheme=scheme
+    )
+    return uri.removeprefix("s3://"), filesystem
+
+
+def _remove_run(path: str, filesystem: Any) -> None:
     """The run's folder under the storage path, once its checkpoint is loaded (each run
-    would otherwise leave a whole model there). Only local or mounted folders: a URI's
-    run is left to the store's lifecycle rules."""
-    if "://" not in path:
+    would otherwise leave a whole model there)."""
+    if filesystem is not None:
+        with contextlib.suppress(OSError):
+            filesystem.delete_dir(path)
+    elif "://" not in path:
         shutil.rmtree(path, ignore_errors=True)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from pathlib import Path
 from typing import Literal
+
+from serving.storage import Store
 
 Role = Literal["train", "calibration", "gate"]
 
@@ -20,21 +21,19 @@ Role = Literal["train", "calibration", "gate"]
 SPLIT_NAME = "split.json"
 
 
-def check_share(registry: Path, eval_share: float) -> None:
+def check_share(store: Store, eval_share: float) -> None:
     """Pin ``eval_share`` to the registry on first use: a later change would move texts
     already trained on into the evaluation splits."""
-    path = Path(registry) / SPLIT_NAME
-    if path.exists():
-        pinned = float(json.loads(path.read_text())["eval_share"])
-        if pinned != eval_share:
-            raise ValueError(
-                f"eval.share={eval_share} differs from {pinned}, the share this registry's "
-                f"runs used ({path}): changing it would evaluate on texts already trained on; "
-                "keep it, or start a new registry and log"
-            )
+    pin = json.dumps({"eval_share": eval_share, "rule": "sha256(normalised text)"}).encode()
+    if store.create(SPLIT_NAME, pin):
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"eval_share": eval_share, "rule": "sha256(normalised text)"}))
+    pinned = float(json.loads(store.read(SPLIT_NAME) or b"{}")["eval_share"])
+    if pinned != eval_share:
+        raise ValueError(
+            f"eval.share={eval_share} differs from {pinned}, the share this registry's "
+            f"runs used ({store.uri}/{SPLIT_NAME}): changing it would evaluate on texts "
+            "already trained on; keep it, or start a new registry and log"
+        )
 
 
 def normalise(text: str) -> str:

@@ -73,7 +73,7 @@ def _perturbed_copy(registry: Registry, version: str) -> str:
     assert manifest is not None
     copy = f"student-{weights_digest(staging)}"
     write_manifest(staging, manifest.model_copy(update={"version": copy, "parent": version}))
-    if (registry.versions_dir / copy).exists():
+    if registry.exists(copy):
         shutil.rmtree(staging)
         return copy
     return registry.publish(staging)

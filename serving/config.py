@@ -144,6 +144,14 @@ class LogConfig(_Strict):
     dir: Path = Field(default=Path("var/cache/escalations"), description="Escalation log folder")
     max_segment_bytes: PositiveInt = Field(default=DEFAULT_SEGMENT_BYTES)
     fsync_interval_s: PositiveFloat = Field(default=1.0)
+    ship_to: str | None = Field(
+        default=None,
+        description="Shared storage for finished segments (s3://bucket/prefix or a folder "
+        "every node mounts); unset: the log stays in `dir`",
+    )
+    ship_every_s: PositiveFloat = Field(
+        default=60.0, description="A segment is finished and shipped at least this often"
+    )
 
 
 class GatewayConfig(_Strict):
@@ -162,10 +170,20 @@ class GatewayConfig(_Strict):
         default=30.0,
         description="/readyz answers 503 once every teacher call has failed for this long",
     )
-    registry: Path | None = Field(
+    registry: str | None = Field(
         default=None,
-        description="Model registry folder: every replica serves its current version "
+        description="Model registry (a folder or s3://bucket/prefix): every replica serves "
+        "its current version "
         "(polled every registry_poll_s); user_config {student_version} pins another",
+    )
+    registry_cache_dir: Path = Field(
+        default=Path("var/cache/registry-cache"),
+        description="Where a replica keeps the versions it downloads from an object store",
+    )
+    s3_endpoint: str | None = Field(
+        default=None,
+        description="The S3-compatible endpoint for s3:// URIs (default $AWS_ENDPOINT_URL; "
+        "credentials from the AWS environment variables)",
     )
     registry_poll_s: PositiveFloat = Field(
         default=5.0,

@@ -16,6 +16,7 @@ skipped and counted on read, never fatal.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import threading
@@ -93,6 +94,7 @@ class _Segment:
     path: Path
     fd: int
     size: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
 
 
 class EscalationLogWriter:
@@ -155,6 +157,22 @@ class EscalationLogWriter:
             self._retire(retired)
         return len(payload), int(retired is not None)
 
+    def segment_age(self) -> float:
+        """Seconds since the open segment was opened (0 while it is empty)."""
+        with self._lock:
+            segment = self._segment
+            return time.monotonic() - segment.opened_at if segment.size else 0.0
+
+    def rotate(self) -> bool:
+        """Finish the open segment now if it holds anything (so it can be shipped)."""
+        with self._lock:
+            if self._closed.is_set() or self._segment.size == 0:
+                return False
+            retired, self._segment = self._segment, self._open_segment(sync_directory=False)
+            self.rotations += 1
+        self._retire(retired)
+        return True
+
     def sync(self) -> None:
         """fsync the open segment if anything was written since the last sync.
 
@@ -190,8 +208,10 @@ class EscalationLogWriter:
         self._sequence += 1
         path = self.directory / f"{self._prefix}-{self._sequence:06d}.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # held while the segment is open: a shipper ships only segments nobody holds
+        fcntl.flock(fd, fcntl.LOCK_EX)
         if sync_directory:
-            _fsync_directory(self.directory)  # the new name survives a machine crash
+            fsync_directory(self.directory)  # the new name survives a machine crash
         return _Segment(path, fd, os.fstat(fd).st_size)
 
     def _retire(self, segment: _Segment) -> None:
@@ -200,7 +220,7 @@ class EscalationLogWriter:
             os.fsync(segment.fd)
         finally:
             os.close(segment.fd)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def _sync_loop(self, interval: float) -> None:
         while not self._closed.wait(interval):
@@ -222,7 +242,7 @@ def _write_whole(segment: _Segment, payload: bytes) -> None:
     segment.size += len(payload)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -51,11 +51,11 @@ class Gateway:
             torch.set_num_threads(config.torch_threads)
         self.config = config
         self.teacher = teacher
-        self.registry = Registry(config.registry) if config.registry else None
+        self.metrics = GatewayMetrics()
+        self.registry = self._open_registry()
         loader = import_loader(config.student_loader)
         initial = self._load_initial(loader)
         self._configured = False
-        self.metrics = GatewayMetrics()
         self.slot = StudentSlot(
             initial,
             config.cascade,
@@ -74,7 +74,7 @@ class Gateway:
         self._student_batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
         replica = serve.get_replica_context().replica_tag
         # an unusable log folder is counted and retried, never fatal
-        self.log = LogSink(config.log, replica, self.metrics)
+        self.log = LogSink(config.log, replica, self.metrics, config.s3_endpoint)
         self.service = CascadeService(
             config, self.labels, self._student_batch, self._ask_teacher, self.log, self.metrics
         )
@@ -90,6 +90,19 @@ class Gateway:
         if self.follower is not None:
             threading.Thread(target=self._follow, daemon=True, name="registry-follower").start()
         logger.info("student %s ready (%s)", initial.version, initial.rule.description)
+
+    def _open_registry(self) -> Registry | None:
+        """The registry, checked reachable (else the replica stops with an error naming it)."""
+        if not self.config.registry:
+            return None
+        registry = Registry(
+            self.config.registry,
+            cache_dir=self.config.registry_cache_dir,
+            endpoint_url=self.config.s3_endpoint,
+            on_refused=lambda version: self.metrics.inc("protege_versions_refused"),
+        )
+        registry.store.check()
+        return registry
 
     def _republish(self) -> None:
         while not self._stopped.wait(SERVING_GAUGES_EVERY_S):

@@ -2,7 +2,10 @@
 request because of the disk.
 
 An unusable folder (missing, unwritable, full) is counted, alerted on and tried again every
-few seconds; serving goes on, and the response says its records were not logged.
+few seconds; serving goes on, and the response says its records were not logged. With
+``log.ship_to``, finished segments are shipped to shared storage in the background (see
+``serving.log_shipping``); a store that cannot be reached at start-up stops the replica
+with an error naming it, a store that goes away later only delays shipping.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from typing import Protocol
 
 from serving.config import LogConfig
 from serving.escalation_log import EscalationLogWriter, EscalationRecord
+from serving.log_shipping import SegmentShipper
+from serving.storage import open_store
 
 logger = logging.getLogger("ray.serve")
 RETRY_S = 5.0  # how often an unusable log folder is tried again
@@ -22,6 +28,8 @@ RETRY_S = 5.0  # how often an unusable log folder is tried again
 
 class LogMetrics(Protocol):
     def inc(self, name: str, value: float = 1.0, **tags: str) -> None: ...
+
+    def set(self, name: str, value: float, **tags: str) -> None: ...
 
     def log_written(self, records: int, size: int, rotations: int) -> None: ...
 
@@ -32,14 +40,36 @@ def _close_quietly(writer: EscalationLogWriter) -> None:
 
 
 class LogSink:
-    def __init__(self, config: LogConfig, writer_id: str, metrics: LogMetrics) -> None:
+    def __init__(
+        self,
+        config: LogConfig,
+        writer_id: str,
+        metrics: LogMetrics,
+        s3_endpoint: str | None = None,
+    ) -> None:
         self.config = config
         self.writer_id = writer_id
         self.metrics = metrics
         self.writer: EscalationLogWriter | None = None
         self._retry_at = 0.0
         self._opening = asyncio.Lock()
+        self.shipper: SegmentShipper | None = None
+        self._stop_shipping = threading.Event()
+        if config.ship_to:
+            store = open_store(config.ship_to, s3_endpoint)
+            store.check()  # unreachable at start-up: a clear error naming the URI
+            self.shipper = SegmentShipper(
+                config.dir,
+                store,
+                ship_every_s=config.ship_every_s,
+                writer=lambda: self.writer,
+                metrics=metrics,
+            )
         self._open()
+        if self.shipper is not None:
+            threading.Thread(
+                target=self.shipper.run, args=(self._stop_shipping,), daemon=True, name="ship"
+            ).start()
 
     def _open(self) -> None:
         try:
@@ -80,5 +110,13 @@ class LogSink:
         return True
 
     def close(self) -> None:
+        """Close the writer and ship what it left (what cannot be shipped now stays on disk
+        and is shipped by the next writer in this folder)."""
+        self._stop_shipping.set()
         if self.writer is not None:
             self.writer.close()
+        if self.shipper is not None:
+            try:
+                self.shipper.ship_once()
+            except Exception as exc:
+                logger.warning("segments left unshipped at shutdown: %s", exc)

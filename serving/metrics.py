@@ -113,6 +113,22 @@ SPECS = [
     Spec("protege_log_bytes", "counter", "Escalation-log bytes written"),
     Spec("protege_log_rotations", "counter", "Escalation-log segment rotations"),
     Spec("protege_log_write_errors", "counter", "Escalation-log writes that failed"),
+    Spec("protege_log_segments_shipped", "counter", "Log segments shipped to shared storage"),
+    Spec(
+        "protege_log_ship_errors",
+        "counter",
+        "Log shipping passes that failed (retried with backoff; the segments stay on disk)",
+    ),
+    Spec(
+        "protege_log_unshipped_bytes",
+        "gauge",
+        "Log bytes on this replica's disk not yet shipped (the open segment included)",
+    ),
+    Spec(
+        "protege_versions_refused",
+        "counter",
+        "Downloaded registry versions refused: their files do not match their hashes",
+    ),
     Spec(
         "protege_hot_swaps",
         "counter",

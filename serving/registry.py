@@ -1,36 +1,43 @@
-"""The model registry: immutable version folders and an atomically moved ``current`` pointer.
+"""The model registry: immutable versions and a compare-and-set ``current`` pointer.
 
-    <root>/versions/<version>/   a model folder (safetensors, tokenizer, protege.json)
+    <root>/versions/<version>/   a model folder (safetensors, tokenizer, protege.json,
+                                 _complete.json: every file's SHA-256, written last)
     <root>/current.json          {"version": ..., "history": [older currents, newest last]}
     <root>/runs/<run id>.json    distillation run reports (written by distill)
 
-A version is published by renaming a complete staging folder into ``versions/`` and is
-never changed or reused afterwards. The pointer is written to a temporary file and
-renamed over ``current.json``, so a crash at any moment leaves either the old or the new
-pointer, never half of one. Serving reads the registry; only the distillation job and
-the CLI write it.
-
-Storage is the local file system; every access goes through the few methods of this
-class (read, list, publish, move the pointer), the seam an object store would implement.
+The root is a local folder or an object-store URI (``s3://bucket/prefix``; see
+``serving.storage``). A version is never changed or reused once published. Locally it is
+published by renaming a complete staging folder into ``versions/``; on an object store its
+files are uploaded first and ``_complete.json`` last, and only a version with that marker
+exists. A replica downloads a remote version to a local cache and checks every file
+(weights, config, tokenizer, manifest) against the marker's hashes before it loads any of
+it. The pointer moves by compare-and-set, so a crash leaves the old or the new pointer and
+a move based on a stale read fails instead of undoing another. Serving reads the registry;
+only the distillation job and the CLI write it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving.manifest import ModelManifest, read_manifest
+from serving.manifest import MANIFEST_NAME, ModelManifest, read_manifest
+from serving.storage import Store, open_store
 
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A version id becomes a folder name: letters, digits, '.', '_', '-'; no path separator."""
+COMPLETE_NAME = "_complete.json"
+POINTER_KEY = "current.json"
+REFUSED_RETRY_S = 60.0
+"""A version whose download failed its hash check is not downloaded again for this long."""
 
 
 class RegistryError(ValueError):
@@ -39,6 +46,10 @@ class RegistryError(ValueError):
 
 class PointerMoved(RegistryError):
     """A compare-and-set on the current pointer found another version than expected."""
+
+
+class CorruptVersion(RegistryError):
+    """A downloaded version whose files do not match the hashes it was published with."""
 
 
 ANY = "<any>"
@@ -59,33 +70,86 @@ def check_version(version: str) -> str:
     return version
 
 
+def file_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file below ``folder`` (but the marker), by relative path."""
+    hashes = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.name != COMPLETE_NAME:
+            with open(path, "rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256")
+            hashes[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+def content_digest(hashes: dict[str, str]) -> str:
+    """One hash over every file's path and hash."""
+    joined = "\n".join(f"{name} {h}" for name, h in sorted(hashes.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
 class Registry:
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.versions_dir = self.root / "versions"
-        self.runs_dir = self.root / "runs"
-        self._pointer = self.root / "current.json"
+    def __init__(
+        self,
+        root: str | Path,
+        cache_dir: str | Path | None = None,
+        endpoint_url: str | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store: Store = open_store(root, endpoint_url)
+        self._on_refused = on_refused
+        self.uri = self.store.uri
+        self.local = self.store.local_path("")  # None for an object store
+        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "protege" / "registry")
+        self._refused: dict[str, float] = {}
+        self._download_lock = threading.Lock()
+
+    @property
+    def root(self) -> Path:
+        """The registry's folder (local registries only)."""
+        if self.local is None:
+            raise RegistryError(f"registry {self.uri} is an object store, not a folder")
+        return self.local
+
+    def __str__(self) -> str:
+        return self.uri
 
     # --- reading --------------------------------------------------------------------------
 
     def versions(self) -> list[ModelManifest]:
         """Every published version, oldest first."""
-        if not self.versions_dir.is_dir():
-            return []
-        found = [read_manifest(p) for p in self.versions_dir.iterdir() if p.is_dir()]
-        return sorted((m for m in found if m is not None), key=lambda m: m.created_at)
+        found = []
+        for version in self._version_ids():
+            data = self.store.read(f"versions/{version}/{MANIFEST_NAME}")
+            if data is not None:
+                found.append(ModelManifest.model_validate_json(data))
+        return sorted(found, key=lambda m: m.created_at)
+
+    def _version_ids(self) -> list[str]:
+        if self.local is not None:
+            folder = self.local / "versions"
+            return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        keys = self.store.list("versions")
+        return sorted(k.split("/")[1] for k in keys if k.endswith(f"/{COMPLETE_NAME}"))
+
+    def exists(self, version: str) -> bool:
+        key = f"versions/{check_version(version)}/"
+        key += MANIFEST_NAME if self.local is not None else COMPLETE_NAME
+        return self.store.read(key) is not None
 
     def path(self, version: str) -> Path:
-        folder = self.versions_dir / check_version(version)
-        if not (folder / "protege.json").exists():
+        """The version's local folder (downloaded and checked, for an object store)."""
+        if not self.exists(version):
             known = ", ".join(m.version for m in self.versions()) or "none"
-            raise RegistryError(f"version {version!r} is not in {self.root} (known: {known})")
-        return folder
+            raise RegistryError(f"version {version!r} is not in {self.uri} (known: {known})")
+        if self.local is not None:
+            return self.local / "versions" / version
+        return self._cached(version)
 
     def manifest(self, version: str) -> ModelManifest:
-        manifest = read_manifest(self.path(version))
-        assert manifest is not None
-        return manifest
+        data = self.store.read(f"versions/{check_version(version)}/{MANIFEST_NAME}")
+        if data is None:
+            raise RegistryError(f"version {version!r} is not in {self.uri}")
+        return ModelManifest.model_validate_json(data)
 
     def current(self) -> str | None:
         state = self._read_pointer()
@@ -95,38 +159,87 @@ class Registry:
         state = self._read_pointer()
         return list(state["history"]) if state else []
 
+    def _cached(self, version: str) -> Path:
+        """Download a remote version into the cache once, checking every file's hash."""
+        folder = self.cache_dir / version
+        with self._download_lock:
+            if (folder / COMPLETE_NAME).exists():
+                return folder
+            refused_at = self._refused.get(version)
+            if refused_at is not None and time.monotonic() - refused_at < REFUSED_RETRY_S:
+                raise CorruptVersion(f"version {version} failed its hash check; not loaded")
+            marker = json.loads(self.store.read(f"versions/{version}/{COMPLETE_NAME}") or b"{}")
+            staging = self.cache_dir / f".{version}.{os.getpid()}.download"
+            shutil.rmtree(staging, ignore_errors=True)
+            if any(".." in n.split("/") or n.startswith("/") for n in marker["files"]):
+                raise CorruptVersion(f"version {version}'s marker names a path outside it")
+            try:
+                for name in marker["files"]:
+                    self.store.download(f"versions/{version}/{name}", staging / name)
+                actual = file_hashes(staging)
+                if actual != marker["files"]:
+                    self._refused[version] = time.monotonic()
+                    if self._on_refused is not None:
+                        self._on_refused(version)
+                    wrong = sorted(
+                        n for n in marker["files"] if actual.get(n) != marker["files"][n]
+                    )
+                    raise CorruptVersion(
+                        f"version {version} refused: {', '.join(wrong)} do not match the "
+                        "hashes it was published with"
+                    )
+                (staging / COMPLETE_NAME).write_text(json.dumps(marker))
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return folder
+
     # --- writing --------------------------------------------------------------------------
 
     def publish(self, staged: Path) -> str:
-        """Move a complete model folder (with its protege.json) in as a new version."""
+        """A complete model folder (with its protege.json) in as a new version. Locally the
+        folder is moved in; to an object store its files are uploaded, the marker last."""
         manifest = read_manifest(staged)
         if manifest is None:
             raise RegistryError(f"{staged} has no protege.json manifest: not a publishable version")
-        target = self.versions_dir / check_version(manifest.version)
-        if target.exists():
-            raise RegistryError(
-                f"version {manifest.version} already exists; versions are immutable"
-            )
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, target)  # same file system: atomic
-        return manifest.version
+        version = check_version(manifest.version)
+        if self.exists(version):
+            raise RegistryError(f"version {version} already exists; versions are immutable")
+        hashes = file_hashes(staged)
+        marker = json.dumps({"version": version, "files": hashes, "digest": content_digest(hashes)})
+        if self.local is not None:
+            (Path(staged) / COMPLETE_NAME).write_text(marker)
+            (self.local / "versions").mkdir(parents=True, exist_ok=True)
+            os.replace(staged, self.local / "versions" / version)  # same file system: atomic
+            return version
+        for name in hashes:
+            self.store.upload(Path(staged) / name, f"versions/{version}/{name}")
+        if not self.store.create(f"versions/{version}/{COMPLETE_NAME}", marker.encode()):
+            raise RegistryError(f"version {version} already exists; versions are immutable")
+        shutil.rmtree(staged, ignore_errors=True)
+        return version
 
     def promote(self, version: str, expected: str | None = ANY) -> None:
         """Point ``current`` at ``version`` (which must be published). With ``expected``
         (a version, or None for an empty registry), only if the pointer still names it:
         a run started on A never undoes a rollback that happened while it ran."""
-        self.path(version)
-        with self._pointer_lock():
-            state = self._checked(expected, f"promote {version}")
+        self.path(version)  # published (and, remotely, whole)
+
+        def change(state: dict[str, Any] | None) -> dict[str, Any]:
+            self._checked(state, expected, f"promote {version}")
             history = list(state["history"]) if state else []
             if state and state["version"] != version:
                 history.append(state["version"])
-            self._write_pointer({"version": version, "history": history, "updated_at": time.time()})
+            return {"version": version, "history": history, "updated_at": time.time()}
+
+        self._move(change)
 
     def rollback(self, expected: str | None = ANY) -> str:
         """Point ``current`` back at the version before it; returns that version."""
-        with self._pointer_lock():
-            state = self._checked(expected, "roll back")
+
+        def change(state: dict[str, Any] | None) -> dict[str, Any]:
+            self._checked(state, expected, "roll back")
             if not state or not state["history"]:
                 raise RegistryError(
                     "nothing to roll back to: the current version has no predecessor"
@@ -134,64 +247,61 @@ class Registry:
             history = list(state["history"])
             previous = history.pop()
             self.path(previous)
-            self._write_pointer(
-                {"version": previous, "history": history, "updated_at": time.time()}
-            )
-            return previous
+            return {"version": previous, "history": history, "updated_at": time.time()}
 
-    def _checked(self, expected: str | None, action: str) -> dict[str, Any] | None:
-        state = self._read_pointer()
+        return str(self._move(change)["version"])
+
+    @staticmethod
+    def _checked(state: dict[str, Any] | None, expected: str | None, action: str) -> None:
         actual = state["version"] if state else None
         if expected != ANY and actual != expected:
             raise PointerMoved(
                 f"not done ({action}): current is {actual}, not {expected} as expected; "
                 "it moved meanwhile (a rollback or another promotion)"
             )
-        return state
 
-    @contextlib.contextmanager
-    def _pointer_lock(self) -> Iterator[None]:
-        """Pointer moves on this registry happen one at a time (an advisory file lock)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".pointer.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _move(self, change: Any) -> dict[str, Any]:
+        """Compare-and-set the pointer: ``change`` sees the state it replaces."""
+        result = self.store.update(
+            POINTER_KEY,
+            lambda old: json.dumps(change(json.loads(old) if old else None), indent=1).encode(),
+        )
+        assert result is not None
+        return dict(json.loads(result))
 
     def import_folder(self, folder: Path) -> str:
         """Copy an existing model folder in (e.g. the seed student); returns its version."""
         manifest = read_manifest(folder)
         if manifest is None:
             raise RegistryError(f"{folder} has no protege.json manifest")
-        if (self.versions_dir / check_version(manifest.version)).exists():
+        if self.exists(manifest.version):
             return manifest.version
-        staging = self.root / "staging" / f"{manifest.version}.{os.getpid()}"
+        staging = self.staging_dir() / f"{manifest.version}.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(folder, staging)
+        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(COMPLETE_NAME))
         return self.publish(staging)
 
-    def write_run(self, run_id: str, report: dict[str, Any]) -> Path:
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        path = self.runs_dir / f"{run_id}.json"
-        _atomic_write(path, json.dumps(report, indent=1))
-        return path
+    def staging_dir(self) -> Path:
+        """Where a version is assembled before publishing: inside a local registry (so the
+        move in is a rename), in the cache for an object store."""
+        return (self.local or self.cache_dir) / "staging"
+
+    def write_run(self, run_id: str, report: dict[str, Any]) -> str:
+        key = f"runs/{run_id}.json"
+        self.store.write(key, json.dumps(report, indent=1).encode())
+        return f"{self.uri}/{key}"
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run report, in run id order (ids start with the run's start time)."""
+        reports = []
+        for key in self.store.list("runs"):
+            if key.endswith(".json"):
+                try:
+                    reports.append(dict(json.loads(self.store.read(key) or b"")))
+                except ValueError:
+                    reports.append({"result": "unreadable", "key": key})
+        return reports
 
     def _read_pointer(self) -> dict[str, Any] | None:
-        if not self._pointer.exists():
-            return None
-        return dict(json.loads(self._pointer.read_text()))
-
-    def _write_pointer(self, state: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self._pointer, json.dumps(state, indent=1))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+        data = self.store.read(POINTER_KEY)
+        return dict(json.loads(data)) if data else None

@@ -188,7 +188,7 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
         "eval": {"current": {"escalation_rate": 0.4}, "candidate": {"escalation_rate": 0.2}},
     }
     (runs / "r1.json").write_text(json.dumps(report))
-    assert distill_metrics.push(pushgateway, report, runs, time.time())
+    assert distill_metrics.push(pushgateway, report, [{**report, "finished_at": time.time()}])
     yield
     serve.delete(APP)
     serve.delete(f"{APP}-degraded")

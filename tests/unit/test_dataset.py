@@ -6,6 +6,7 @@ from test_escalation_log import record, version1_line
 from distill.dataset import read_watermark, read_window, write_watermark
 from distill.splits import role_of
 from serving.escalation_log import EscalationLogWriter
+from serving.storage import LocalStore
 
 SHARE = 0.5  # half the texts evaluate: every role shows up in a handful of texts
 
@@ -37,9 +38,9 @@ def test_training_records_are_consumed_once_via_the_watermark(tmp_path):
     writer.append([record(i, TRAIN[i]) for i in range(5)])
     first = window(log)
     assert ids(first.new) == [f"rec{i}" for i in range(5)]
-    write_watermark(tmp_path / "reg", first.watermark)
+    write_watermark(LocalStore(tmp_path / "reg"), first.watermark)
     writer.append([record(i, TRAIN[i]) for i in range(5, 8)])
-    second = window(log, read_watermark(tmp_path / "reg"))
+    second = window(log, read_watermark(LocalStore(tmp_path / "reg")))
     assert ids(second.new) == ["rec5", "rec6", "rec7"]
     third = window(log, second.watermark)
     assert third.new == []

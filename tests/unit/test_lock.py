@@ -9,35 +9,39 @@ import pytest
 from polling import wait_for
 
 from distill.lock import Lease, LockedError, run_lock
+from serving.storage import LocalStore
 
 
 def test_second_run_is_refused_while_the_first_holds_the_lease(tmp_path):
     lock = tmp_path / "distill.lock"
-    with run_lock(lock) as lease:
+    store = LocalStore(tmp_path)
+    with run_lock(store) as lease:
         held = json.loads(lock.read_text())
         assert held["owner"] == lease.owner and held["pid"] == os.getpid()
-        with pytest.raises(LockedError, match=f"pid {os.getpid()}"), run_lock(lock):
+        with pytest.raises(LockedError, match=f"pid {os.getpid()}"), run_lock(store):
             pass
     assert lock.read_text() == ""  # released: free
 
 
 def test_a_lease_left_by_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     lock = tmp_path / "distill.lock"
+    store = LocalStore(tmp_path)
     stale = {"owner": "x", "host": "here", "pid": 999999999, "expires_at": time.time() + 600}
     lock.write_text(json.dumps(stale))
-    with run_lock(lock, host="here") as lease:
+    with run_lock(store, host="here") as lease:
         assert json.loads(lock.read_text())["owner"] == lease.owner
 
 
 def test_a_live_lease_of_another_machine_is_respected_until_it_expires(tmp_path):
     lock = tmp_path / "distill.lock"
+    store = LocalStore(tmp_path)
     other = {"owner": "y", "host": "node-b", "pid": 999999999, "expires_at": time.time() - 59.5}
     # expired half a second ago: still held for one more TTL (60 s) of grace for clock skew
     lock.write_text(json.dumps(other))  # its pid means nothing here: only the expiry counts
-    with pytest.raises(LockedError, match="on node-b"), run_lock(lock, host="node-a"):
+    with pytest.raises(LockedError, match="on node-b"), run_lock(store, host="node-a"):
         pass
     # the other machine stopped renewing: once its lease runs out, it is taken over
-    lease = Lease(lock, host="node-a")
+    lease = Lease(store, host="node-a")
 
     def taken() -> bool | None:
         try:
@@ -52,11 +56,11 @@ def test_a_live_lease_of_another_machine_is_respected_until_it_expires(tmp_path)
 
 
 def test_a_held_lease_is_renewed_so_it_never_runs_out(tmp_path):
-    lock = tmp_path / "distill.lock"
-    with run_lock(lock, ttl_s=0.3, host="node-a") as lease:
+    store = LocalStore(tmp_path)
+    with run_lock(store, ttl_s=0.3, host="node-a") as lease:
         deadline = time.monotonic() + 1.5  # five lease lengths
         while time.monotonic() < deadline:
-            with pytest.raises(LockedError), run_lock(lock, ttl_s=0.3, host="node-b"):
+            with pytest.raises(LockedError), run_lock(store, ttl_s=0.3, host="node-b"):
                 pass
             time.sleep(0.05)
         assert not lease.lost.is_set() and lease.renew()
@@ -64,7 +68,8 @@ def test_a_held_lease_is_renewed_so_it_never_runs_out(tmp_path):
 
 def test_a_lease_taken_over_is_known_to_be_lost(tmp_path):
     lock = tmp_path / "distill.lock"
-    lease = Lease(lock, ttl_s=600, host="node-a")
+    store = LocalStore(tmp_path)
+    lease = Lease(store, ttl_s=600, host="node-a")
     lease.acquire()
     lock.write_text(json.dumps({"owner": "z", "host": "node-b", "pid": 1, "expires_at": 0}))
     assert lease.renew() is False and lease.lost.is_set()
@@ -76,7 +81,7 @@ def _contend(lock: str, host: str, start: float, results) -> None:
     while time.time() < start:
         time.sleep(0.001)
     try:
-        with run_lock(__import__("pathlib").Path(lock), host=host):
+        with run_lock(LocalStore(lock), host=host):
             results.put(host)
             time.sleep(1.0)  # the run
     except LockedError:

@@ -1,4 +1,3 @@
-import json
 import logging
 
 import pytest
@@ -11,15 +10,21 @@ from serving.metrics import SPECS
 def test_a_pushgateway_that_is_down_is_a_warning_not_a_failure(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     report = {"result": "promoted", "seconds": 1.0}
-    assert distill_metrics.push("127.0.0.1:9", report, tmp_path, None) is False  # nothing listens
+    assert distill_metrics.push("127.0.0.1:9", report, [report]) is False  # nothing listens
     assert "could not push distillation metrics" in caplog.text
-    assert distill_metrics.push(None, report, tmp_path, None) is False  # not configured: silent
+    assert distill_metrics.push(None, report, [report]) is False  # not configured: silent
 
 
 def test_run_counts_come_from_the_run_reports(tmp_path):
+    from serving.registry import Registry
+
+    runs = Registry(tmp_path)
     for i, result in enumerate(["promoted", "rejected", "rejected", "failed"]):
-        (tmp_path / f"r{i}.json").write_text(json.dumps({"result": result}))
-    registry = distill_metrics.collect({"result": "failed"}, tmp_path, None)
+        runs.write_run(f"r{i}", {"result": result, "finished_at": 100.0 + i})
+    (tmp_path / "runs" / "r9.json").write_text("{torn")
+    reports = runs.runs()
+    assert distill_metrics.last_success(reports) == 102.0  # the last completed run
+    registry = distill_metrics.collect({"result": "failed"}, reports)
     counts = {
         s.labels["result"]: s.value
         for m in registry.collect()
@@ -30,6 +35,7 @@ def test_run_counts_come_from_the_run_reports(tmp_path):
         "promoted": 1,
         "rejected": 2,
         "failed": 1,
+        "unreadable": 1,
         "superseded": 0,
         "lease-lost": 0,
         "nothing-to-do": 0,

@@ -260,14 +260,15 @@ def check_ready(work: Path, report: str, n_traffic: int) -> str:
 
     serve = yaml.safe_load((work / "serve_config.yaml").read_text())
     gateway = GatewayConfig.model_validate(serve["applications"][0]["args"])
-    assert gateway.registry == work / "registry"
+    assert gateway.registry == str(work / "registry")
     assert gateway.student.path == work / "models" / "student"
     assert gateway.teacher.path == work / "models" / "teacher"
     assert gateway.log.dir == work / "escalations"
     assert gateway.cascade.scorer == "margin" and gateway.cascade.audit_fraction == 0.05
 
     distill = DistillConfig.model_validate(yaml.safe_load((work / "distill.yaml").read_text()))
-    assert distill.registry == work / "registry" and distill.log_dir == work / "escalations"
+    assert distill.registry == str(work / "registry")
+    assert distill.log_dir == str(work / "escalations")
     assert distill.teacher == work / "models" / "teacher" and distill.scorer == "margin"
     assert distill.gate.target_agreement == 0.9
     assert distill.traffic is not None and distill.traffic.is_file()

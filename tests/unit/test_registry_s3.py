@@ -1,0 +1,135 @@
+"""The registry and the run lease on a real S3-compatible server (moto): versions appear
+whole or not at all, downloads are checked file by file, the pointer and the lease move
+only by compare-and-set (conditional writes, which the test server honours: see
+test_storage)."""
+
+import json
+import multiprocessing
+import threading
+import time
+
+import pytest
+from test_registry import staged_version
+
+from distill.lock import LockedError, run_lock
+from serving.registry import COMPLETE_NAME, CorruptVersion, PointerMoved, Registry, RegistryError
+from serving.storage import open_store
+
+
+def registry_at(uri, tmp_path, **kwargs) -> Registry:
+    return Registry(uri, cache_dir=tmp_path / "cache", **kwargs)
+
+
+def test_publish_promote_rollback_and_download(s3_uri, tmp_path):
+    registry = registry_at(s3_uri, tmp_path)
+    assert registry.current() is None and registry.versions() == []
+    for v in ("v1", "v2"):
+        registry.publish(staged_version(tmp_path, v))
+        registry.promote(v, expected=registry.current())
+    assert registry.current() == "v2" and registry.history() == ["v1"]
+    assert [m.version for m in registry.versions()] == ["v1", "v2"]
+    folder = registry.path("v2")  # downloaded and checked
+    assert folder.is_relative_to(tmp_path / "cache")
+    assert (folder / "model.safetensors").read_bytes() == b"v2"
+    assert registry.rollback(expected="v2") == "v1"
+    with pytest.raises(RegistryError, match="already exists; versions are immutable"):
+        (tmp_path / "again").mkdir()
+        registry.publish(staged_version(tmp_path / "again", "v1"))
+
+
+def test_a_version_uploaded_in_part_does_not_exist(s3_uri, tmp_path):
+    registry = registry_at(s3_uri, tmp_path)
+    staged = staged_version(tmp_path, "v1")
+    store = open_store(s3_uri)
+    for name in ("model.safetensors", "protege.json"):  # ...and the uploader dies here
+        store.upload(staged / name, f"versions/v1/{name}")
+    assert registry.versions() == [] and not registry.exists("v1")
+    with pytest.raises(RegistryError, match="not in"):
+        registry.promote("v1")
+    registry.publish(staged)  # a retry publishes it whole
+    assert [m.version for m in registry.versions()] == ["v1"]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "protege.json", "tokenizer.json"])
+def test_a_download_that_does_not_match_its_hashes_is_refused(s3_uri, tmp_path, victim):
+    refused: list[str] = []
+    registry = registry_at(s3_uri, tmp_path, on_refused=refused.append)
+    staged = staged_version(tmp_path, "v1")
+    (staged / "tokenizer.json").write_text('{"vocab": 1}')
+    registry.publish(staged)
+    store = open_store(s3_uri)
+    store.write(f"versions/v1/{victim}", b"tampered")  # corrupted in the store
+    with pytest.raises(CorruptVersion, match=f"{victim} do not match"):
+        registry.path("v1")
+    assert refused == ["v1"] and not (tmp_path / "cache" / "v1").exists()
+    with pytest.raises(CorruptVersion):  # not downloaded again at once
+        registry.path("v1")
+    assert refused == ["v1"]
+
+
+def test_concurrent_promotions_on_the_store_let_exactly_one_through(s3_uri, tmp_path):
+    registry = registry_at(s3_uri, tmp_path)
+    versions = [f"v{i}" for i in range(5)]
+    for v in versions:
+        registry.publish(staged_version(tmp_path, v))
+    registry.promote("v0", expected=None)
+    outcomes: list[str] = []
+    start = threading.Barrier(4)
+
+    def run(version: str) -> None:
+        start.wait()
+        try:
+            registry_at(s3_uri, tmp_path / version).promote(version, expected="v0")
+            outcomes.append(version)
+        except PointerMoved:
+            outcomes.append("moved")
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in versions[1:]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o != "moved"]
+    assert len(winners) == 1 and registry.current() == winners[0]
+    assert registry.history() == ["v0"]
+
+
+def test_the_marker_lists_every_file_with_its_hash(s3_uri, tmp_path):
+    registry = registry_at(s3_uri, tmp_path)
+    staged = staged_version(tmp_path, "v1")
+    (staged / "config.json").write_text("{}")
+    registry.publish(staged)
+    marker = json.loads(open_store(s3_uri).read(f"versions/v1/{COMPLETE_NAME}") or b"")
+    assert sorted(marker["files"]) == ["config.json", "model.safetensors", "protege.json"]
+    assert len(marker["digest"]) == 64
+
+
+def _contend(uri: str, host: str, start: float, results, environment: dict) -> None:
+    import os
+
+    os.environ.update(environment)
+    while time.time() < start:
+        time.sleep(0.001)
+    try:
+        with run_lock(open_store(uri), host=host):
+            results.put(host)
+            time.sleep(1.5)  # the run
+    except LockedError:
+        results.put("refused")
+
+
+def test_two_runs_started_at_once_on_different_machines_exactly_one_runs(s3_uri, s3_server):
+    results: multiprocessing.Queue = multiprocessing.Queue()
+    start = time.time() + 2.0
+    environment = s3_server.environment()
+    runs = [
+        multiprocessing.Process(target=_contend, args=(s3_uri, h, start, results, environment))
+        for h in ("node-a", "node-b", "node-c")
+    ]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(60)
+    outcomes = sorted(results.get(timeout=5) for _ in runs)
+    assert outcomes.count("refused") == 2 and len(set(outcomes) - {"refused"}) == 1
+    assert open_store(s3_uri).read("distill.lock") == b""  # released by the one that ran
