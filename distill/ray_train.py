@@ -58,7 +58,12 @@ def _worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world,
     )
-    metrics = {"epoch_losses": json.dumps(losses)}
+    nodes: list[str | None] = [None] * world  # which node each rank ran on, for the report
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    metrics = {
+        "epoch_losses": json.dumps(losses),
+        "nodes": json.dumps(sorted(set(map(str, nodes)))),
+    }
     if rank != 0:  # the weights are the same on every rank: one reports them
         ray.train.report(metrics)
         return
@@ -103,8 +108,10 @@ def train_with_ray(
     workers: int,
     storage_path: str | None = None,
     s3_endpoint: str | None = None,
-) -> list[float]:
-    """Train ``model`` in place with ``workers`` Ray Train workers; returns rank 0's losses.
+    placement_strategy: str = "PACK",
+) -> tuple[list[float], list[str]]:
+    """Train ``model`` in place with ``workers`` Ray Train workers; returns rank 0's losses
+    and the Ray nodes the workers ran on.
     ``storage_path``: where the checkpoint goes (every node must reach it; default a local
     temporary folder, enough for a single machine; ``s3://bucket/prefix`` through pyarrow's
     S3 file system at ``s3_endpoint`` or $AWS_ENDPOINT_URL)."""
@@ -131,7 +138,11 @@ def train_with_ray(
                 "soft": soft,
                 "settings": asdict(settings),
             },
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available()),
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=torch.cuda.is_available(),
+                placement_strategy=placement_strategy,
+            ),
             run_config=RunConfig(
                 storage_path=path,
                 storage_filesystem=filesystem,
@@ -143,23 +154,23 @@ def train_with_ray(
             raise RuntimeError(f"Ray Train returned no checkpoint: {result.error!r}")
         with result.checkpoint.as_directory() as folder:
             model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
-        losses = list(json.loads((result.metrics or {})["epoch_losses"]))
+        metrics = result.metrics or {}
+        losses = list(json.loads(metrics["epoch_losses"]))
         _remove_run(result.path, filesystem)
-        return losses
+        return losses, list(json.loads(metrics.get("nodes", "[]")))
 
 
 def _storage(uri: str, s3_endpoint: str | None) -> tuple[str, Any]:
-    """Ray Train's storage path and file system for a folder or an s3:// URI."""
+    """Ray Train's storage path and file system for a folder or an s3:// URI (through the
+    same fsspec S3 file system as the registry: it writes a small file as one object)."""
     if not uri.startswith("s3://"):
         return uri, None
-    from pyarrow import fs
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-    scheme = "http" if endpoint and endpoint.startswith("http://") else "https"
-    filesystem = fs.S3FileSystem(
-        endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None, scheme=scheme
-    )
-    return uri.removeprefix("s3://"), filesystem
+    from serving.storage import ObjectStore
+
+    store = ObjectStore(uri, s3_endpoint)
+    return uri.removeprefix("s3://"), PyFileSystem(FSSpecHandler(store.fs))
 
 
 def _remove_run(path: str, filesystem: Any) -> None:

@@ -198,7 +198,7 @@ def _k8s_generate(args: argparse.Namespace) -> int:
     from protege.k8s_gen import GenerateError, generate
 
     try:
-        stale = generate(Path.cwd(), check=args.check)
+        stale = generate(Path.cwd(), check=args.check, storage=args.storage)
     except GenerateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -270,6 +270,11 @@ def parser() -> argparse.ArgumentParser:
     )
     gen = k8s.add_parser("generate", help="k8s/base/generated/ from deploy/ and k8s/templates/")
     gen.add_argument("--check", action="store_true", help="compare only; exit 1 if stale")
+    gen.add_argument(
+        "--storage",
+        default="s3://protege",
+        help="the object store for the registry and the shipped log (s3://bucket/prefix)",
+    )
     gen.set_defaults(func=_k8s_generate)
 
     keys = sub.add_parser("keys", help="API keys for the gateway").add_subparsers(

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from serving.registry import ANY, Registry, RegistryError
+from serving.storage import StorageError
 
-DEFAULT_REGISTRY = Path("var/cache/registry")
+DEFAULT_REGISTRY = "var/cache/registry"
 
 
 def _table(rows: list[list[str]], head: list[str]) -> str:
@@ -37,7 +38,7 @@ def _list(args: argparse.Namespace) -> int:
             ]
         )
     if not rows:
-        print(f"registry {registry.root} is empty: `protege registry import FOLDER --promote`")
+        print(f"registry {registry.uri} is empty: `protege registry import FOLDER --promote`")
         return 0
     print(
         _table(
@@ -91,7 +92,11 @@ def _import(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     registry = sub.add_parser("registry", help="student versions and the current pointer")
-    registry.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY)
+    registry.add_argument(
+        "--registry",
+        default=DEFAULT_REGISTRY,
+        help="a folder or s3://bucket/prefix (endpoint: $AWS_ENDPOINT_URL)",
+    )
     actions = registry.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="versions, newest last; * marks current").set_defaults(
         func=_list
@@ -123,7 +128,7 @@ def guarded(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return int(func(args))
-        except RegistryError as exc:
+        except (RegistryError, StorageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 

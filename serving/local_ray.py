@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from serving.storage import is_remote
+
 LOOPBACK = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8080
@@ -142,8 +144,12 @@ def absolute_paths(args: dict[str, Any], base: Path) -> dict[str, Any]:
         value = args.get(section, {}).get(key)
         if value is not None and not Path(value).is_absolute():
             args[section] = {**args[section], key: str((base / value).resolve())}
-    if args.get("registry") and not Path(args["registry"]).is_absolute():
-        args["registry"] = str((base / args["registry"]).resolve())
+    registry = args.get("registry")
+    if registry and not is_remote(registry) and not Path(registry).is_absolute():
+        args["registry"] = str((base / registry).resolve())
+    ship_to = args.get("log", {}).get("ship_to")
+    if ship_to and not is_remote(ship_to) and not Path(ship_to).is_absolute():
+        args["log"] = {**args["log"], "ship_to": str((base / ship_to).resolve())}
     return args
 
 

@@ -26,8 +26,9 @@ def test_two_workers_train_the_model_in_place(serve_cluster, tmp_path):
     ]
     settings = TrainSettings(epochs=2, batch_size=8, max_tokens=16, lr_encoder=1e-3, lr_head=1e-2)
     storage = tmp_path / "shared-storage"  # where every node would reach the checkpoint
-    losses = train_with_ray(model, tokenizer, texts, labels, soft, settings, 2, str(storage))
+    losses, nodes = train_with_ray(model, tokenizer, texts, labels, soft, settings, 2, str(storage))
     assert len(losses) == 2 and losses[1] < losses[0]
+    assert len(nodes) == 1  # both workers on this session's one Ray node
     assert storage.is_dir()  # the run kept its checkpoint there ...
     assert list(storage.glob("distill-*/checkpoint_*")) == []  # ... until it was loaded
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]

@@ -15,7 +15,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from protege.k8s_gen import CLUSTER_ARGS, CLUSTER_SERVE, GenerateError, generate, serve_config
+from protege.k8s_gen import (
+    CLUSTER_SERVE,
+    STORAGE,
+    GenerateError,
+    generate,
+    outputs,
+    serve_config,
+)
+from protege.k8s_gen import (
+    cluster_args as cluster_fields,
+)
 from serving.config import GatewayConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,9 +131,22 @@ def test_the_embedded_serve_config_is_the_local_one_plus_the_cluster_fields(rend
         embedded["applications"][0].pop("args"),
     )
     assert embedded == local  # deployments, replicas, queues: identical
-    for key in CLUSTER_ARGS:
+    for key in cluster_fields(STORAGE):
         local_args.pop(key, None), cluster_args.pop(key)
     assert cluster_args == local_args  # the cascade, limits, overload: identical
+
+
+def test_the_registry_and_the_log_live_in_the_object_store_named_once():
+    files = {p.name: yaml.safe_load(t) for p, t in outputs(ROOT, "s3://my-bucket/team").items()}
+    serve = yaml.safe_load(files["rayservice.yaml"]["spec"]["serveConfigV2"])
+    args = serve["applications"][0]["args"]
+    assert args["registry"] == "s3://my-bucket/team/registry"
+    assert args["log"]["ship_to"] == "s3://my-bucket/team/escalations"
+    assert args["log"]["dir"].startswith("/var/protege/")  # the pod's own emptyDir
+    distill = files["distill.yaml"]
+    assert distill["registry"] == args["registry"] and distill["log_dir"] == args["log"]["ship_to"]
+    with pytest.raises(GenerateError, match="needs an s3:// URI"):
+        outputs(ROOT, "/mnt/shared")
 
 
 def test_a_serve_config_that_cannot_run_fails_generation(tmp_path):
