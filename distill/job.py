@@ -47,6 +47,7 @@ def run(config: DistillConfig) -> dict[str, Any]:
         config.registry, cache_dir=config.work_dir / "registry", endpoint_url=config.s3_endpoint
     )
     registry.store.check()  # unreachable: a clear error naming it, before anything else
+    registry.store.check_conditional_writes()  # the lease and the pointer need them
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     began = time.time()
     with run_lock(registry.store) as lease:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 from serving.storage import Store
 
+logger = logging.getLogger(__name__)
 DEFAULT_TTL_S = 60.0
 LEASE_KEY = "distill.lock"
 
@@ -127,9 +129,18 @@ class Lease:
         return True
 
     def _renew_loop(self) -> None:
+        """Renew every third of the TTL. A store that fails is tried again next time; once
+        the lease has run out unrenewed, it counts as lost (another run may take it)."""
+        renewed_at = time.time()
         while not self._stop.wait(self.ttl_s / 3):
-            with contextlib.suppress(OSError):
+            try:
                 if not self.renew():
+                    return
+                renewed_at = time.time()
+            except Exception as exc:
+                logger.warning("lease %s not renewed, trying again: %s", self.where, exc)
+                if time.time() > renewed_at + self.ttl_s:
+                    self.lost.set()
                     return
 
     def release(self) -> None:
@@ -141,7 +152,14 @@ class Lease:
             holder = _parse(data)
             return b"" if holder is not None and holder.owner == self.owner else None
 
-        self.store.update(self.key, free)
+        for attempt in range(3):
+            try:
+                self.store.update(self.key, free)
+                return
+            except Exception as exc:  # the lease runs out by itself: never fail the run here
+                logger.warning("lease %s not released (try %d): %s", self.where, attempt + 1, exc)
+                if attempt < 2:
+                    time.sleep(2**attempt)
 
 
 @contextlib.contextmanager

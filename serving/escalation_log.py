@@ -158,7 +158,7 @@ class EscalationLogWriter:
         return len(payload), int(retired is not None)
 
     def segment_age(self) -> float:
-        """Seconds since the open segment was opened (0 while it is empty)."""
+        """Seconds since the open segment's first write (0 while it is empty)."""
         with self._lock:
             segment = self._segment
             return time.monotonic() - segment.opened_at if segment.size else 0.0
@@ -230,6 +230,8 @@ class EscalationLogWriter:
 
 def _write_whole(segment: _Segment, payload: bytes) -> None:
     """All of ``payload`` at the segment's end, or nothing (a partial write is cut off)."""
+    if segment.size == 0:
+        segment.opened_at = time.monotonic()  # its age counts from the first record
     done = 0
     try:
         while done < len(payload):

@@ -62,22 +62,29 @@ class SegmentShipper:
 
     def ship_once(self) -> int:
         """Rotate an open segment that is old enough, then ship every finished segment;
-        returns how many were shipped. Raises on the first one that fails (it stays)."""
+        returns how many were shipped. A segment that fails stays and the others still
+        ship; the first failure is raised at the end (so it is counted and backed off)."""
+        errors: list[Exception] = []
         writer = self._writer()
         if writer is not None and writer.segment_age() >= self.ship_every_s:
-            writer.rotate()
+            try:
+                writer.rotate()
+            except OSError as exc:  # a full disk: shipping what exists frees space
+                errors.append(exc)
         shipped = 0
         with self._lock:
-            try:
-                for path in sorted(self.directory.glob(SEGMENT_GLOB)):
-                    if self._ship(path):
-                        shipped += 1
-            finally:
-                self.shipped += shipped
-                if self._metrics is not None:
-                    if shipped:
-                        self._metrics.inc("protege_log_segments_shipped", shipped)
-                    self._metrics.set("protege_log_unshipped_bytes", self.unshipped_bytes())
+            for path in sorted(self.directory.glob(SEGMENT_GLOB)):
+                try:
+                    shipped += self._ship(path)
+                except Exception as exc:
+                    errors.append(exc)
+            self.shipped += shipped
+            if self._metrics is not None:
+                if shipped:
+                    self._metrics.inc("protege_log_segments_shipped", shipped)
+                self._metrics.set("protege_log_unshipped_bytes", self.unshipped_bytes())
+        if errors:
+            raise errors[0]
         return shipped
 
     def unshipped_bytes(self) -> int:
@@ -103,10 +110,8 @@ class SegmentShipper:
             data = _read_all(fd)
             if not data:
                 return False  # a writer that has not written yet (or never will)
-            if not self.store.create(path.name, data):
-                existing = self.store.read(path.name)
-                if existing != data:
-                    raise ShipConflict(f"{self.store.uri}/{path.name} exists with other content")
+            if not self.store.create(path.name, data) and not self.store.matches(path.name, data):
+                raise ShipConflict(f"{self.store.uri}/{path.name} exists with other content")
             path.unlink()
             fsync_directory(self.directory)
             return True

@@ -56,8 +56,11 @@ class LogSink:
         self.shipper: SegmentShipper | None = None
         self._stop_shipping = threading.Event()
         if config.ship_to:
-            store = open_store(config.ship_to, s3_endpoint)
+            # one try per request, 10 s at most: the shipper's own loop retries, with
+            # backoff, and counts
+            store = open_store(config.ship_to, s3_endpoint, attempts=1, request_timeout_s=10)
             store.check()  # unreachable at start-up: a clear error naming the URI
+            store.check_conditional_writes()  # segments are created only if absent
             self.shipper = SegmentShipper(
                 config.dir,
                 store,

@@ -18,6 +18,7 @@ only the distillation job and the CLI write it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,11 +138,14 @@ class Registry:
         key += MANIFEST_NAME if self.local is not None else COMPLETE_NAME
         return self.store.read(key) is not None
 
-    def path(self, version: str) -> Path:
-        """The version's local folder (downloaded and checked, for an object store)."""
+    def _require(self, version: str) -> None:
         if not self.exists(version):
             known = ", ".join(m.version for m in self.versions()) or "none"
             raise RegistryError(f"version {version!r} is not in {self.uri} (known: {known})")
+
+    def path(self, version: str) -> Path:
+        """The version's local folder (downloaded and checked, for an object store)."""
+        self._require(version)
         if self.local is not None:
             return self.local / "versions" / version
         return self._cached(version)
@@ -160,40 +165,50 @@ class Registry:
         return list(state["history"]) if state else []
 
     def _cached(self, version: str) -> Path:
-        """Download a remote version into the cache once, checking every file's hash."""
+        """Download a remote version into the cache once, checking every file's hash. Two
+        replicas on one node share the cache: a file lock per version makes one download
+        it while the other waits, and a checked folder is never removed."""
         folder = self.cache_dir / version
-        with self._download_lock:
-            if (folder / COMPLETE_NAME).exists():
-                return folder
-            refused_at = self._refused.get(version)
-            if refused_at is not None and time.monotonic() - refused_at < REFUSED_RETRY_S:
-                raise CorruptVersion(f"version {version} failed its hash check; not loaded")
-            marker = json.loads(self.store.read(f"versions/{version}/{COMPLETE_NAME}") or b"{}")
-            staging = self.cache_dir / f".{version}.{os.getpid()}.download"
-            shutil.rmtree(staging, ignore_errors=True)
-            if any(".." in n.split("/") or n.startswith("/") for n in marker["files"]):
-                raise CorruptVersion(f"version {version}'s marker names a path outside it")
+        if (folder / COMPLETE_NAME).exists():
+            return folder
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with self._download_lock, open(self.cache_dir / f".{version}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                for name in marker["files"]:
-                    self.store.download(f"versions/{version}/{name}", staging / name)
-                actual = file_hashes(staging)
-                if actual != marker["files"]:
-                    self._refused[version] = time.monotonic()
-                    if self._on_refused is not None:
-                        self._on_refused(version)
-                    wrong = sorted(
-                        n for n in marker["files"] if actual.get(n) != marker["files"][n]
-                    )
-                    raise CorruptVersion(
-                        f"version {version} refused: {', '.join(wrong)} do not match the "
-                        "hashes it was published with"
-                    )
-                (staging / COMPLETE_NAME).write_text(json.dumps(marker))
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(staging, folder)
+                if not (folder / COMPLETE_NAME).exists():
+                    self._download(version, folder)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                fcntl.flock(lock, fcntl.LOCK_UN)
         return folder
+
+    def _download(self, version: str, folder: Path) -> None:
+        refused_at = self._refused.get(version)
+        if refused_at is not None and time.monotonic() - refused_at < REFUSED_RETRY_S:
+            raise CorruptVersion(f"version {version} failed its hash check; not loaded")
+        marker = json.loads(self.store.read(f"versions/{version}/{COMPLETE_NAME}") or b"{}")
+        names = list(marker.get("files", {}))
+        if any(".." in n.split("/") or n.startswith("/") for n in names):
+            raise CorruptVersion(f"version {version}'s marker names a path outside it")
+        staging = self.cache_dir / f".{version}.{os.getpid()}.download"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            for name in names:
+                self.store.download(f"versions/{version}/{name}", staging / name)
+            actual = file_hashes(staging)
+            if actual != marker["files"]:
+                self._refused[version] = time.monotonic()
+                if self._on_refused is not None:
+                    self._on_refused(version)
+                wrong = sorted(n for n in names if actual.get(n) != marker["files"][n])
+                raise CorruptVersion(
+                    f"version {version} refused: {', '.join(wrong)} do not match the "
+                    "hashes it was published with"
+                )
+            (staging / COMPLETE_NAME).write_text(json.dumps(marker))
+            shutil.rmtree(folder, ignore_errors=True)  # an unchecked leftover, never a checked one
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # --- writing --------------------------------------------------------------------------
 
@@ -213,18 +228,26 @@ class Registry:
             (self.local / "versions").mkdir(parents=True, exist_ok=True)
             os.replace(staged, self.local / "versions" / version)  # same file system: atomic
             return version
-        for name in hashes:
-            self.store.upload(Path(staged) / name, f"versions/{version}/{name}")
-        if not self.store.create(f"versions/{version}/{COMPLETE_NAME}", marker.encode()):
-            raise RegistryError(f"version {version} already exists; versions are immutable")
+        for name in hashes:  # each file created only if absent: never rewritten
+            self._create(f"versions/{version}/{name}", (Path(staged) / name).read_bytes())
+        self._create(f"versions/{version}/{COMPLETE_NAME}", marker.encode())  # last
         shutil.rmtree(staged, ignore_errors=True)
         return version
+
+    def _create(self, key: str, data: bytes) -> None:
+        """Create ``key`` once; finding exactly ``data`` there is our own earlier attempt
+        (a retried request), anything else a clash with another publisher."""
+        if not self.store.create(key, data) and not self.store.matches(key, data):
+            raise RegistryError(
+                f"{self.uri}/{key} exists with other content: another process is publishing "
+                "this version; versions are immutable"
+            )
 
     def promote(self, version: str, expected: str | None = ANY) -> None:
         """Point ``current`` at ``version`` (which must be published). With ``expected``
         (a version, or None for an empty registry), only if the pointer still names it:
         a run started on A never undoes a rollback that happened while it ran."""
-        self.path(version)  # published (and, remotely, whole)
+        self._require(version)  # published; each replica checks its download's hashes
 
         def change(state: dict[str, Any] | None) -> dict[str, Any]:
             self._checked(state, expected, f"promote {version}")
@@ -246,7 +269,7 @@ class Registry:
                 )
             history = list(state["history"])
             previous = history.pop()
-            self.path(previous)
+            self._require(previous)
             return {"version": previous, "history": history, "updated_at": time.time()}
 
         return str(self._move(change)["version"])
@@ -261,11 +284,18 @@ class Registry:
             )
 
     def _move(self, change: Any) -> dict[str, Any]:
-        """Compare-and-set the pointer: ``change`` sees the state it replaces."""
-        result = self.store.update(
-            POINTER_KEY,
-            lambda old: json.dumps(change(json.loads(old) if old else None), indent=1).encode(),
-        )
+        """Compare-and-set the pointer: ``change`` sees the state it replaces. Each move
+        carries its own id, so a retried write that had landed (its answer lost) is
+        recognised instead of being applied twice."""
+        move_id = uuid.uuid4().hex
+
+        def apply(old: bytes | None) -> bytes | None:
+            state = json.loads(old) if old else None
+            if state and state.get("move") == move_id:
+                return None  # our own write landed: done
+            return json.dumps({**change(state), "move": move_id}, indent=1).encode()
+
+        result = self.store.update(POINTER_KEY, apply)
         assert result is not None
         return dict(json.loads(result))
 

@@ -18,6 +18,8 @@ environment variables (a Secret on Kubernetes).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import os
@@ -25,11 +27,14 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 Change = Callable[[bytes | None], bytes | None]
 """Given an object's content (None: absent), its new content (None: leave it as it is)."""
 
 UPDATE_ATTEMPTS = 20
+REQUEST_TIMEOUT_S = 30.0
+TRANSFER_TIMEOUT_S = 900.0  # a whole file (model weights) up or down
 
 
 class StorageError(OSError):
@@ -72,6 +77,14 @@ class Store:
     def check(self) -> None:
         """Raise StorageError naming the URI if the store cannot be reached."""
         raise NotImplementedError
+
+    def check_conditional_writes(self) -> None:
+        """Raise StorageError if create and update cannot be trusted (a folder always can)."""
+
+    def matches(self, key: str, data: bytes) -> bool:
+        """Whether ``key`` holds exactly ``data`` (a create that found its own earlier
+        write, or another's, tells them apart with this)."""
+        return self.read(key) == data
 
     def local_path(self, key: str) -> Path | None:
         """The key's own path when the store is a local folder, else None."""
@@ -161,9 +174,24 @@ class LocalStore(Store):
 
 
 class ObjectStore(Store):
-    """An S3-compatible bucket prefix through s3fs."""
+    """An S3-compatible bucket prefix through s3fs.
 
-    def __init__(self, uri: str, endpoint_url: str | None = None) -> None:
+    Every request has a deadline of its own (``REQUEST_TIMEOUT_S``, ``TRANSFER_TIMEOUT_S``
+    for whole files): a store that accepts connections and then never answers (a paused or
+    partitioned server) raises StorageError instead of holding the caller forever (the S3
+    client's read timeout does not cover a request waiting on ``100-continue``)."""
+
+    def __init__(
+        self,
+        uri: str,
+        endpoint_url: str | None = None,
+        attempts: int = 3,
+        request_timeout_s: float | None = None,
+    ) -> None:
+        """``attempts``: tries per request inside the S3 client, and ``request_timeout_s``
+        its deadline (shorter where the caller has its own counted retry loop, as log
+        shipping does)."""
+        self.request_timeout_s = request_timeout_s
         import s3fs  # imported here: local-only installs never need it
 
         self.uri = uri.rstrip("/")
@@ -176,13 +204,38 @@ class ObjectStore(Store):
             endpoint_url=endpoint,
             skip_instance_cache=True,
             use_listings_cache=False,
-            # a few quick retries inside the client; callers retry longer outages
             config_kwargs={
-                "retries": {"max_attempts": 3, "mode": "standard"},
+                "retries": {"max_attempts": attempts, "mode": "standard"},
                 "connect_timeout": 5,
                 "read_timeout": 10,
             },
         )
+        self.fs.retries = attempts  # s3fs's own retry loop around each call (default 5)
+
+    def _run(self, coroutine: Callable[..., Any], *args: Any, timeout: float = 0, **kw: Any) -> Any:
+        """Run one of s3fs's coroutines on its loop within a deadline. A request cancelled
+        at its deadline may still have reached the store: every write here is made safe to
+        repeat (create and update recognise their own earlier write). Errors come out as
+        OSError (StorageError unless s3fs already made one)."""
+        limit = timeout or self.request_timeout_s or REQUEST_TIMEOUT_S
+        future = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(coroutine(*args, **kw), limit), self.fs.loop
+        )
+        try:
+            return future.result(timeout=limit + 5)  # the loop itself could be stuck
+        except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
+            future.cancel()
+            raise StorageError(f"object store {self.uri} did not answer within {limit} s") from None
+        except OSError:
+            raise
+        except Exception as exc:  # botocore's connection errors are not OSError
+            raise StorageError(f"object store {self.uri}: {exc}") from exc
+
+    def _s3(self, method: str, **kwargs: Any) -> Any:
+        body = kwargs.get("Body", b"")
+        # a large body gets a second per MB on top (a store slower than 1 MB/s times out)
+        timeout = (self.request_timeout_s or REQUEST_TIMEOUT_S) + len(body) / 1e6
+        return self._run(self.fs._call_s3, method, Bucket=self.bucket, timeout=timeout, **kwargs)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -195,7 +248,6 @@ class ObjectStore(Store):
 
     def _tagged(self, key: str) -> tuple[bytes | None, str | None]:
         """The object's content and ETag, read in one request (None, None when absent)."""
-        from fsspec.asyn import sync
 
         async def get() -> tuple[bytes, str]:
             reply = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
@@ -203,13 +255,13 @@ class ObjectStore(Store):
                 return bytes(await stream.read()), str(reply["ETag"])
 
         try:
-            data, etag = sync(self.fs.loop, get)
+            data, etag = self._run(get)
         except FileNotFoundError:
             return None, None
         return data, etag
 
     def write(self, key: str, data: bytes) -> None:
-        self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data)
+        self._s3("put_object", Key=self._key(key), Body=data)
 
     def create(self, key: str, data: bytes) -> bool:
         return self._put_if(key, data, IfNoneMatch="*")
@@ -226,33 +278,48 @@ class ObjectStore(Store):
         raise StorageError(f"{self.uri}/{key} kept changing under {UPDATE_ATTEMPTS} updates")
 
     def _put_if(self, key: str, data: bytes, **condition: str) -> bool:
+        """True if written, False if the condition did not hold (412). A 409 (another
+        conditional write to the key in flight) is an error to retry, not an answer."""
         try:
-            self.fs.call_s3(
-                "put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **condition
-            )
+            self._s3("put_object", Key=self._key(key), Body=data, **condition)
             return True
-        except (FileExistsError, OSError) as exc:
+        except OSError as exc:
             if _precondition_failed(exc):
                 return False
             raise
 
-    def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
+    def matches(self, key: str, data: bytes) -> bool:
         try:
-            found = self.fs.find(base)
+            head = self._s3("head_object", Key=self._key(key))
+        except FileNotFoundError:
+            return False
+        if int(head.get("ContentLength", -1)) != len(data):
+            return False
+
+        async def get() -> bytes:
+            reply = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
+            async with reply["Body"] as stream:
+                return bytes(await stream.read())
+
+        limit = (self.request_timeout_s or REQUEST_TIMEOUT_S) + len(data) / 1e6
+        return bool(self._run(get, timeout=limit) == data)
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            found = self._run(self.fs._find, self._path(prefix))
         except FileNotFoundError:
             return []
         root = self._path("")
         return sorted(p.removeprefix(root) for p in found if not p.endswith("/"))
 
     def upload(self, local: Path, key: str) -> None:
-        self.fs.put_file(str(local), self._path(key))
+        self._run(self.fs._put_file, str(local), self._path(key), timeout=TRANSFER_TIMEOUT_S)
 
     def download(self, key: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.part")
         try:
-            self.fs.get_file(self._path(key), str(tmp))
+            self._run(self.fs._get_file, self._path(key), str(tmp), timeout=TRANSFER_TIMEOUT_S)
             os.replace(tmp, local)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -260,9 +327,25 @@ class ObjectStore(Store):
 
     def check(self) -> None:
         try:
-            self.fs.call_s3("head_bucket", Bucket=self.bucket)
+            self._s3("head_bucket")
         except Exception as exc:
             raise StorageError(f"object store {self.uri} cannot be reached: {exc}") from exc
+
+    def check_conditional_writes(self) -> None:
+        """Raise StorageError unless the store refuses a create over an existing object and a
+        write with a stale ETag: without that, compare-and-set would silently not hold."""
+        probe = f".protege-probe-{uuid.uuid4().hex}"
+        try:
+            honoured = self.create(probe, b"1") and not self.create(probe, b"2")
+            honoured = honoured and not self._put_if(probe, b"3", IfMatch='"stale"')
+        finally:
+            with contextlib.suppress(OSError):
+                self._s3("delete_object", Key=self._key(probe))
+        if not honoured:
+            raise StorageError(
+                f"object store {self.uri} ignores conditional writes (If-None-Match/If-Match): "
+                "the registry pointer, the run lease and log shipping need them"
+            )
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -272,7 +355,7 @@ def _precondition_failed(exc: BaseException) -> bool:
         if isinstance(response, dict):
             code = str(response.get("Error", {}).get("Code", ""))
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+            if code == "PreconditionFailed" or status == 412:
                 return True
     return False
 
@@ -283,10 +366,15 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def open_store(uri: str | Path, endpoint_url: str | None = None) -> Store:
+def open_store(
+    uri: str | Path,
+    endpoint_url: str | None = None,
+    attempts: int = 3,
+    request_timeout_s: float | None = None,
+) -> Store:
     """A Store for ``uri``: ``s3://bucket/prefix`` or a local folder."""
     if is_remote(uri):
-        return ObjectStore(str(uri), endpoint_url)
+        return ObjectStore(str(uri), endpoint_url, attempts, request_timeout_s)
     if "://" in str(uri):
         raise StorageError(f"{uri}: only local folders and s3:// URIs are supported")
     return LocalStore(uri)

@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from distill.job import decision_result
 from serving.registry import Registry
 from tests.unit.test_registry import staged_version
@@ -42,3 +44,19 @@ def test_a_rejected_candidate_never_touches_the_pointer(tmp_path):
     refused = SimpleNamespace(promote=False, reason="no drop")
     assert decision_result(registry, refused, "candidate", "seed") == ("rejected", "no drop")
     assert registry.current() == "seed"
+
+
+def test_a_registry_store_that_cannot_be_reached_is_an_error_naming_it(tmp_path):
+    from distill.config import DistillConfig
+    from distill.job import run
+    from serving.storage import StorageError
+
+    config = DistillConfig(
+        registry="s3://protege-unreachable/registry",
+        log_dir="s3://protege-unreachable/escalations",
+        teacher=tmp_path,
+        s3_endpoint="http://127.0.0.1:9",
+        work_dir=tmp_path / "work",
+    )
+    with pytest.raises(StorageError, match="s3://protege-unreachable/registry"):
+        run(config)

@@ -101,3 +101,35 @@ def test_two_runs_started_at_once_on_different_machines_exactly_one_runs(tmp_pat
         run.join(30)
     outcomes = sorted(results.get(timeout=5) for _ in runs)
     assert outcomes.count("refused") == 3 and len(set(outcomes) - {"refused"}) == 1
+
+
+class FailingStore(LocalStore):
+    """A store that stops answering after the lease is taken (errors of any type)."""
+
+    failing = False
+
+    def update(self, key, change):
+        if self.failing:
+            raise RuntimeError("EndpointConnectionError: could not connect")  # not an OSError
+        return super().update(key, change)
+
+
+def test_a_store_that_fails_while_renewing_ends_in_a_lost_lease_not_a_dead_thread(tmp_path):
+    store = FailingStore(tmp_path)
+    lease = Lease(store, ttl_s=0.3, host="node-a")
+    lease.acquire()
+    store.failing = True
+    wait_for(lease.lost.is_set, timeout_s=10)  # once the lease ran out unrenewed
+    lease.release()  # the store still fails: logged, never raised (the lease runs out anyway)
+    store.failing = False
+    lease2 = Lease(store, ttl_s=0.3, host="node-b")
+    wait_for(lambda: _try(lease2), timeout_s=10)  # taken over after expiry and grace
+    lease2.release()
+
+
+def _try(lease: Lease) -> bool:
+    try:
+        lease.acquire()
+    except LockedError:
+        return False
+    return True

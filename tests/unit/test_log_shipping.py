@@ -168,3 +168,28 @@ def test_an_outage_is_counted_retried_with_backoff_and_loses_nothing(s3_uri, tmp
     thread.join(30)
     writer.close()
     assert shipped_ids(shipper.store, tmp_path) == [f"rec{i}" for i in range(10)]
+
+
+def test_a_segment_that_fails_to_ship_does_not_hold_up_the_others(tmp_path):
+    writer = EscalationLogWriter(tmp_path / "log", writer_id="r1", max_segment_bytes=500)
+    for i in range(6):
+        writer.append([record(i)])
+    writer.close()
+    segments = list_segments(tmp_path / "log")
+    store = LocalStore(tmp_path / "shared")
+    real_create = store.create
+    bad = segments[0].name
+
+    def create(key, data):
+        if key == bad:
+            raise OSError("this one object cannot be written")
+        return real_create(key, data)
+
+    store.create = create  # type: ignore[method-assign]
+    shipper = SegmentShipper(tmp_path / "log", store, ship_every_s=3600)
+    with pytest.raises(OSError, match="cannot be written"):
+        shipper.ship_once()
+    assert shipper.shipped == len(segments) - 1
+    assert list_segments(tmp_path / "log") == [segments[0]]  # kept for the next pass
+    store.create = real_create  # type: ignore[method-assign]
+    assert shipper.ship_once() == 1 and list_segments(tmp_path / "log") == []

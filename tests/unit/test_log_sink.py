@@ -53,3 +53,13 @@ def test_an_unusable_folder_is_counted_at_start_and_serving_goes_on(tmp_path):
     assert sink.writer is None and metrics.counts["protege_log_write_errors"] == 1
     assert asyncio.run(sink.write([record(1)])) is False
     assert asyncio.run(sink.write([])) is True  # nothing to write is never an error
+
+
+def test_a_ship_to_store_that_cannot_be_reached_at_start_is_an_error_naming_it(tmp_path):
+    import pytest
+
+    from serving.storage import StorageError
+
+    config = LogConfig(dir=tmp_path, ship_to="s3://protege-unreachable/log")
+    with pytest.raises(StorageError, match="s3://protege-unreachable/log"):
+        LogSink(config, "replica-1", Metrics(), s3_endpoint="http://127.0.0.1:9")

@@ -133,3 +133,96 @@ def test_two_runs_started_at_once_on_different_machines_exactly_one_runs(s3_uri,
     outcomes = sorted(results.get(timeout=5) for _ in runs)
     assert outcomes.count("refused") == 2 and len(set(outcomes) - {"refused"}) == 1
     assert open_store(s3_uri).read("distill.lock") == b""  # released by the one that ran
+
+
+class LostAnswers:
+    """Wraps a store: the first ``n`` conditional writes land but their answer is lost (the
+    caller sees an error, as after a timeout or a dropped connection, and retries)."""
+
+    def __init__(self, store, n: int = 1) -> None:
+        self.store, self.n = store, n
+        self._real = store._put_if
+        store._put_if = self._put_if
+
+    def _put_if(self, key, data, **condition):
+        landed = self._real(key, data, **condition)
+        if self.n > 0 and landed:
+            self.n -= 1
+            raise OSError("connection reset after the write")
+        return landed
+
+
+def test_a_pointer_move_whose_answer_was_lost_is_not_applied_twice(s3_uri, tmp_path):
+    registry = registry_at(s3_uri, tmp_path)
+    for v in ("v1", "v2", "v3"):
+        registry.publish(staged_version(tmp_path, v))
+        registry.promote(v)
+    LostAnswers(registry.store)
+    with pytest.raises(OSError, match="connection reset"):
+        registry.rollback()  # landed: v2 is current, but the caller got an error
+    assert registry.current() == "v2"
+    retry = registry_at(s3_uri, tmp_path)
+    assert retry.rollback(expected="v2") == "v1"  # the next rollback starts where it landed
+    wrapped = LostAnswers(retry.store)
+    original_update = retry.store.update
+
+    def update_retrying(key, change):  # a caller that retries the same move once
+        try:
+            return original_update(key, change)
+        except OSError:
+            return original_update(key, change)
+
+    retry.store.update = update_retrying
+    retry.promote("v3", expected="v1")  # landed, answer lost, retried with the same move id
+    assert wrapped.n == 0 and retry.current() == "v3" and retry.history() == ["v1"]
+
+
+def test_a_publish_whose_answers_were_lost_still_publishes(s3_uri, tmp_path):
+    registry = registry_at(s3_uri, tmp_path)
+    store = registry.store
+    real_create = store.create
+    calls = {"n": 0}
+
+    def create_then_forget(key, data):  # every create lands; the first two answers say no
+        landed = real_create(key, data)
+        calls["n"] += 1
+        return landed if calls["n"] > 2 else False
+
+    store.create = create_then_forget
+    registry.publish(staged_version(tmp_path, "v1"))
+    assert [m.version for m in registry.versions()] == ["v1"]
+    assert registry.path("v1").is_dir()
+
+
+def _download(uri: str, cache: str, version: str, environment: dict, results) -> None:
+    import os
+
+    os.environ.update(environment)
+    try:
+        folder = Registry(uri, cache_dir=cache).path(version)
+        results.put((folder / "model.safetensors").read_bytes())
+    except Exception as exc:
+        results.put(repr(exc))
+
+
+def test_two_replicas_downloading_into_one_cache_both_get_the_whole_version(
+    s3_uri, s3_server, tmp_path
+):
+    registry = registry_at(s3_uri, tmp_path)
+    for i in range(3):
+        registry.publish(staged_version(tmp_path, f"v{i}"))
+    results: multiprocessing.Queue = multiprocessing.Queue()
+    cache = str(tmp_path / "shared-cache")
+    environment = s3_server.environment()
+    procs = [
+        multiprocessing.Process(
+            target=_download, args=(s3_uri, cache, f"v{i % 3}", environment, results)
+        )
+        for i in range(6)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    got = sorted(results.get(timeout=5) for _ in procs)
+    assert got == sorted([b"v0", b"v1", b"v2"] * 2)

@@ -47,6 +47,26 @@ def test_concurrent_updates_lose_nothing(store):
     assert store.read("counter") == b"40"
 
 
+def test_the_server_refuses_stale_and_existing_writes(s3_uri):
+    """What compare-and-set rests on, asked of the server directly (no timing involved)."""
+    store = open_store(s3_uri)
+    assert isinstance(store, ObjectStore)
+    store.write("p", b"v1")
+    _, etag = store._tagged("p")
+    store.write("p", b"v2")  # the ETag read above is now stale
+    assert store._put_if("p", b"v3", IfMatch=etag) is False
+    assert store._put_if("p", b"v3", IfNoneMatch="*") is False
+    assert store.read("p") == b"v2"
+    store.check_conditional_writes()  # the start-up probe agrees, and leaves nothing behind
+    assert store.list("") == ["p"]
+
+
+def test_matches_tells_our_own_write_from_another(store):
+    store.create("k", b"ours")
+    assert store.matches("k", b"ours") and not store.matches("k", b"theirs")
+    assert not store.matches("absent", b"ours")
+
+
 def test_an_update_that_changes_nothing_writes_nothing(store):
     assert store.update("absent", lambda old: None) is None
     assert store.read("absent") is None
@@ -72,3 +92,20 @@ def test_an_unreachable_store_is_a_clear_error_naming_it(s3_server):
 def test_unknown_schemes_are_refused():
     with pytest.raises(StorageError, match="only local folders and s3://"):
         open_store("gs://bucket/x")
+
+
+def test_a_store_that_stops_answering_is_an_error_within_the_deadline(
+    s3_uri, s3_server, monkeypatch
+):
+    from serving import storage
+
+    monkeypatch.setattr(storage, "REQUEST_TIMEOUT_S", 2.0)
+    store = open_store(s3_uri, attempts=1)
+    store.write("a", b"1")
+    s3_server.pause()  # accepts connections, never answers
+    try:
+        with pytest.raises(StorageError, match=r"did not answer within 2\.0"):
+            store.create("b", b"2")
+    finally:
+        s3_server.resume()
+    assert store.read("a") == b"1"  # and the store is usable again
