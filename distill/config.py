@@ -21,7 +21,7 @@ from pydantic import (
 
 from serving import defaults
 from serving.scoring import ScorerName
-from serving.storage import is_remote
+from serving.storage import StoreURI, is_remote
 
 
 class _Strict(BaseModel):
@@ -118,10 +118,10 @@ class GateConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    registry: str = Field(
+    registry: StoreURI = Field(
         description="Model registry: a folder or s3://bucket/prefix (versions, pointer, runs)"
     )
-    log_dir: str = Field(
+    log_dir: StoreURI = Field(
         description="The escalation log: the gateway's log folder, or where it ships "
         "segments (log.ship_to: a shared folder or s3://bucket/prefix)"
     )

@@ -21,6 +21,7 @@ from pydantic import (
 
 from serving import defaults
 from serving.scoring import SCORERS, ScorerName
+from serving.storage import StoreURI
 
 DEFAULT_MAX_INPUTS = 64
 DEFAULT_MAX_CHARS = 4000
@@ -144,7 +145,7 @@ class LogConfig(_Strict):
     dir: Path = Field(default=Path("var/cache/escalations"), description="Escalation log folder")
     max_segment_bytes: PositiveInt = Field(default=DEFAULT_SEGMENT_BYTES)
     fsync_interval_s: PositiveFloat = Field(default=1.0)
-    ship_to: str | None = Field(
+    ship_to: StoreURI | None = Field(
         default=None,
         description="Shared storage for finished segments (s3://bucket/prefix or a folder "
         "every node mounts); unset: the log stays in `dir`",
@@ -170,7 +171,7 @@ class GatewayConfig(_Strict):
         default=30.0,
         description="/readyz answers 503 once every teacher call has failed for this long",
     )
-    registry: str | None = Field(
+    registry: StoreURI | None = Field(
         default=None,
         description="Model registry (a folder or s3://bucket/prefix): every replica serves "
         "its current version "

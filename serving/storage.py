@@ -27,7 +27,9 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
 
 Change = Callable[[bytes | None], bytes | None]
 """Given an object's content (None: absent), its new content (None: leave it as it is)."""
@@ -39,6 +41,14 @@ TRANSFER_TIMEOUT_S = 900.0  # a whole file (model weights) up or down
 
 class StorageError(OSError):
     """The store cannot be used; the message names its URI."""
+
+
+def _as_text(value: object) -> object:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+StoreURI = Annotated[str, BeforeValidator(_as_text)]
+"""A config field naming a store: a folder (a str or a Path) or ``s3://bucket/prefix``."""
 
 
 def is_remote(uri: str | Path) -> bool:

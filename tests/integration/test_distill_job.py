@@ -62,7 +62,10 @@ def write_log(
     writer.close()
 
 
-def job_config(cache: Path, root: Path, **train) -> DistillConfig:
+def job_config(cache: Path, root: Path, min_sampled: int = 30, **train) -> DistillConfig:
+    """The lite teacher's training is not bit-for-bit repeatable, so the student's
+    calibrated threshold, and how many stream inputs it keeps (11-38 %), move between
+    builds: tests about the run's mechanics rather than the gate ask for less evidence."""
     return DistillConfig.model_validate(
         {
             "registry": root / "registry",
@@ -80,7 +83,7 @@ def job_config(cache: Path, root: Path, **train) -> DistillConfig:
             # wide so these tests exercise the mechanics, not the lite models' quality
             "gate": {
                 "target_agreement": 0.95,
-                "min_sampled": 30,
+                "min_sampled": min_sampled,
                 "agreement_margin": 0.06,
                 "gold_margin": 0.06,
             },
@@ -125,8 +128,9 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
 
 def test_a_worse_candidate_is_rejected_and_nothing_changes(lite_cache, tmp_path, seeded_registry):
     seed = seeded_registry.current()
-    write_log(lite_cache, tmp_path / "log", 1200, scramble=True)
-    report = run(job_config(lite_cache, tmp_path, lr_encoder=5e-4, lr_head=5e-3, epochs=3))
+    write_log(lite_cache, tmp_path / "log", 1600, scramble=True)
+    config = job_config(lite_cache, tmp_path, 15, lr_encoder=5e-4, lr_head=5e-3, epochs=3)
+    report = run(config)
     assert report["result"] == "rejected", report["reason"]
     assert seeded_registry.current() == seed
     assert [m.version for m in seeded_registry.versions()] == [seed]
@@ -150,14 +154,14 @@ def test_a_failed_run_is_reported_and_publishes_nothing(
     import distill.gate
 
     seed = seeded_registry.current()
-    write_log(lite_cache, tmp_path / "log", 1200)
+    write_log(lite_cache, tmp_path / "log", 1600)
 
     def crash(*_, **__):
         raise RuntimeError("out of memory in the middle of evaluation")
 
     monkeypatch.setattr(distill.gate, "decide", crash)
     with pytest.raises(RuntimeError, match="out of memory"):
-        run(job_config(lite_cache, tmp_path, epochs=1))
+        run(job_config(lite_cache, tmp_path, 15, epochs=1))
     assert seeded_registry.current() == seed and len(seeded_registry.versions()) == 1
     (report,) = [p.read_text() for p in (seeded_registry.root / "runs").glob("*.json")]
     assert '"failed"' in report and "out of memory" in report

@@ -109,3 +109,12 @@ def test_a_store_that_stops_answering_is_an_error_within_the_deadline(
     finally:
         s3_server.resume()
     assert store.read("a") == b"1"  # and the store is usable again
+
+
+def test_configs_take_a_path_or_a_uri_for_a_store(tmp_path):
+    from distill.config import DistillConfig
+    from serving.config import LogConfig
+
+    job = DistillConfig(registry=tmp_path / "r", log_dir="s3://b/log", teacher=tmp_path)
+    assert job.registry == str(tmp_path / "r") and job.log_dir == "s3://b/log"
+    assert LogConfig(ship_to=tmp_path / "shipped").ship_to == str(tmp_path / "shipped")
