@@ -58,7 +58,10 @@ def prometheus(tmp_path_factory, metrics_port, serve_cluster, pushgateway):
     folder = tmp_path_factory.mktemp("prometheus")
     shutil.copy(RULES, folder / "rules.yml")
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        # the scrape timeout is the interval (Prometheus's default caps it at 10 s): Ray's
+        # metrics page is large, and a scrape that times out marks every series stale, so
+        # on a loaded machine a 1 s timeout made whole metrics vanish from instant queries
+        "global": {"scrape_interval": "3s", "scrape_timeout": "3s", "evaluation_interval": "1s"},
         "rule_files": ["rules.yml"],
         "scrape_configs": [
             {
