@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -103,7 +102,6 @@ class Registry:
         self.local = self.store.local_path("")  # None for an object store
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "protege" / "registry")
         self._refused: dict[str, float] = {}
-        self._download_lock = threading.Lock()
 
     @property
     def root(self) -> Path:
@@ -172,8 +170,8 @@ class Registry:
         if (folder / COMPLETE_NAME).exists():
             return folder
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with self._download_lock, open(self.cache_dir / f".{version}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(self.cache_dir / f".{version}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # per open file: excludes other threads too
             try:
                 if not (folder / COMPLETE_NAME).exists():
                     self._download(version, folder)

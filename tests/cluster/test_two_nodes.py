@@ -296,7 +296,8 @@ def test_two_nodes_share_only_the_object_store(nodes, lite_cache, s3_server):
     with Traffic(url, key, texts[:64], clients=2) as load:
         since = time.time()
         wait_for(lambda: _metric(metrics_b, "ray_protege_versions_refused_total") >= 1, 120)
-        time.sleep(3)  # a few more polls
+        refused_at = time.time()  # then 40 more answers, over several more polls
+        wait_for(lambda: len(load.versions_since(refused_at)) >= 40, timeout_s=120)
         assert set(load.versions_since(since)) == {promoted}
     assert load.failures == []
     assert _metric(metrics_b, "ray_protege_log_ship_errors_total") >= 1  # during the pause

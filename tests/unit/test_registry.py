@@ -99,12 +99,20 @@ def test_promotion_is_compare_and_set(tmp_path):
     registry.promote("v3")  # an explicit command without expected still moves it
 
 
-def test_concurrent_compare_and_set_promotions_let_exactly_one_through(tmp_path):
+@pytest.fixture(params=["folder", "s3"])
+def root(request, tmp_path) -> str:
+    """A registry root: a folder, or a prefix on the session's real S3 server (moto)."""
+    if request.param == "folder":
+        return str(tmp_path / "reg")
+    return str(request.getfixturevalue("s3_uri"))
+
+
+def test_concurrent_compare_and_set_promotions_let_exactly_one_through(root, tmp_path):
     import threading
 
     from serving.registry import PointerMoved
 
-    registry = Registry(tmp_path / "reg")
+    registry = Registry(root)
     versions = [f"v{i}" for i in range(9)]
     for v in versions:
         registry.publish(staged_version(tmp_path, v))
@@ -115,7 +123,7 @@ def test_concurrent_compare_and_set_promotions_let_exactly_one_through(tmp_path)
     def run(version: str) -> None:
         start.wait()
         try:
-            Registry(tmp_path / "reg").promote(version, expected="v0")
+            Registry(root).promote(version, expected="v0")
             outcomes.append(version)
         except PointerMoved:
             outcomes.append("moved")

@@ -5,14 +5,13 @@ test_storage)."""
 
 import json
 import multiprocessing
-import threading
 import time
 
 import pytest
 from test_registry import staged_version
 
 from distill.lock import LockedError, run_lock
-from serving.registry import COMPLETE_NAME, CorruptVersion, PointerMoved, Registry, RegistryError
+from serving.registry import COMPLETE_NAME, CorruptVersion, Registry, RegistryError
 from serving.storage import open_store
 
 
@@ -65,33 +64,6 @@ def test_a_download_that_does_not_match_its_hashes_is_refused(s3_uri, tmp_path, 
     with pytest.raises(CorruptVersion):  # not downloaded again at once
         registry.path("v1")
     assert refused == ["v1"]
-
-
-def test_concurrent_promotions_on_the_store_let_exactly_one_through(s3_uri, tmp_path):
-    registry = registry_at(s3_uri, tmp_path)
-    versions = [f"v{i}" for i in range(5)]
-    for v in versions:
-        registry.publish(staged_version(tmp_path, v))
-    registry.promote("v0", expected=None)
-    outcomes: list[str] = []
-    start = threading.Barrier(4)
-
-    def run(version: str) -> None:
-        start.wait()
-        try:
-            registry_at(s3_uri, tmp_path / version).promote(version, expected="v0")
-            outcomes.append(version)
-        except PointerMoved:
-            outcomes.append("moved")
-
-    threads = [threading.Thread(target=run, args=(v,)) for v in versions[1:]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [o for o in outcomes if o != "moved"]
-    assert len(winners) == 1 and registry.current() == winners[0]
-    assert registry.history() == ["v0"]
 
 
 def test_the_marker_lists_every_file_with_its_hash(s3_uri, tmp_path):
