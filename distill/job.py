@@ -265,6 +265,7 @@ def _judge_and_publish(
         parent=current,
         created_at=time.time(),
         labels=labeller.labels,
+        max_tokens=config.train.max_tokens,
         default_target=DefaultTarget(target_agreement=config.gate.target_agreement),
         training=training,
     )

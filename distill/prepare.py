@@ -116,13 +116,15 @@ def prepare(spec: TaskSpec, *, force: bool = False, device: str = "auto") -> Pre
         write_jsonl(spec.work / "replay.jsonl", _labelled_rows(*replay, labels))
     models = spec.work / "models"
     teacher_dir = _materialise(spec.teacher, models / "teacher")
-    teacher_version = _plain_manifest(teacher_dir, "teacher", labels)
+    teacher_version = _plain_manifest(teacher_dir, "teacher", labels, spec.max_tokens)
     student_dir = _materialise(spec.student, models / "student")
 
     cache = spec.work / "cache"
     teacher = Classifier(teacher_dir, device=device, max_tokens=spec.max_tokens)
     t_probs = cached_probs(teacher, texts, cache, "traffic")
-    _plain_manifest(student_dir, "student", labels)  # scored under its final version id
+    _plain_manifest(
+        student_dir, "student", labels, spec.max_tokens
+    )  # scored under its final version id
     student = Classifier(student_dir, device=device, max_tokens=spec.max_tokens)
     s_probs = cached_probs(student, texts, cache, "traffic")
     calibration = make_calibration(
@@ -153,6 +155,7 @@ def prepare(spec: TaskSpec, *, force: bool = False, device: str = "auto") -> Pre
         role="student",
         created_at=time.time(),
         labels=labels,
+        max_tokens=spec.max_tokens,
         default_target=DefaultTarget(target_agreement=spec.target_agreement),
         calibration=calibration,
         eval=figures,
@@ -232,11 +235,12 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
-def _plain_manifest(folder: Path, role: str, labels: list[str]) -> str:
+def _plain_manifest(folder: Path, role: str, labels: list[str], max_tokens: int) -> str:
     version = f"{role}-{weights_digest(folder)}"
-    write_manifest(
-        folder, ModelManifest(version=version, role=role, created_at=time.time(), labels=labels)
+    manifest = ModelManifest(
+        version=version, role=role, created_at=time.time(), labels=labels, max_tokens=max_tokens
     )
+    write_manifest(folder, manifest)
     return version
 
 

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from serving import defaults, meanpool
+from serving.length_groups import plan_groups
 from serving.manifest import ModelManifest, read_manifest, weights_digest
 
 
@@ -55,7 +56,9 @@ class Classifier:
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         window = min(self.tokenizer.model_max_length, config.max_position_embeddings)
-        self.max_tokens = min(max_tokens or window, window)
+        # a version is served at the length it was trained and calibrated at
+        recorded = self.manifest.max_tokens if self.manifest else None
+        self.max_tokens = min(recorded or max_tokens or window, window)
         if self.manifest and self.manifest.labels != self.labels:
             raise ValueError(
                 f"{folder}: manifest labels {self.manifest.labels} differ from the model's "
@@ -64,18 +67,31 @@ class Classifier:
 
     @torch.inference_mode()
     def predict(self, texts: list[str]) -> Prediction:
+        """Probabilities per text, in the caller's order: each text is tokenized once, and
+        the batch runs as groups of similar length (see :mod:`serving.length_groups`)."""
         if not texts:
             return Prediction(np.zeros((0, len(self.labels)), dtype=np.float32), [])
-        encoded = self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_tensors="pt",
-        ).to(self.device)
-        logits = self.model(**encoded).logits.float()
-        probs = torch.softmax(logits, dim=-1).cpu().numpy()
-        return Prediction(probs=probs, truncated=self._truncated(texts))
+        features, truncated = self.encode(texts)
+        lengths = [len(f["input_ids"]) for f in features]
+        probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for group in plan_groups(lengths):
+            batch = self.tokenizer.pad([features[i] for i in group], return_tensors="pt")
+            logits = self.model(**batch.to(self.device)).logits.float()
+            probs[group] = torch.softmax(logits, dim=-1).cpu().numpy()
+        return Prediction(probs=probs, truncated=truncated)
+
+    def encode(self, texts: list[str]) -> tuple[list[dict[str, list[int]]], list[bool]]:
+        """Each text's token features, cut to ``max_tokens``, and whether it was cut.
+
+        A fast tokenizer keeps what it cut off (``overflowing``), so one pass answers both;
+        a slow one needs a second, untruncated pass over the texts that may be too long.
+        """
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)
+        keys = list(encoded.keys())
+        features = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+        if encoded.is_fast:
+            return features, [bool(e.overflowing) for e in encoded.encodings]
+        return features, self._truncated(texts)
 
     def warm_up(self) -> float:
         """Run one small batch; returns its seconds (first calls pay one-off costs)."""
@@ -84,8 +100,8 @@ class Classifier:
         return time.perf_counter() - start
 
     def _truncated(self, texts: list[str]) -> list[bool]:
-        # a character yields at most 4 tokens (byte-level BPE, UTF-8) plus a few special
-        # tokens, so short texts cannot overflow: only long ones pay a second tokenization
+        # slow tokenizers only: a character yields at most 4 tokens (byte-level BPE, UTF-8)
+        # plus a few special tokens, so only texts that may overflow are tokenized again
         flags = [False] * len(texts)
         long = [i for i, t in enumerate(texts) if 4 * len(t) + 4 > self.max_tokens]
         if long:

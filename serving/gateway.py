@@ -241,12 +241,11 @@ class Gateway:
         ]
 
     async def _ask_teacher(self, texts: list[str], timeout: float) -> list[dict[str, Any]]:
-        calls = [self.teacher.predict_one.remote(t) for t in texts]
+        call = self.teacher.predict.remote(texts)  # one handle call per request
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*calls), timeout))
+            return list(await asyncio.wait_for(call, timeout))
         except BaseException:
-            for call in calls:
-                call.cancel()
+            call.cancel()
             raise
 
     async def _teacher_details(self) -> dict[str, Any]:

@@ -93,6 +93,12 @@ class ModelManifest(BaseModel):
     parent: str | None = None
     created_at: float
     labels: list[str]
+    max_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Tokens this version was trained and calibrated at, and so is served at "
+        "(None: the config's max_tokens)",
+    )
     default_target: DefaultTarget | None = None
     calibration: Calibration | None = None
     eval: dict[str, float] = Field(default_factory=dict)

@@ -11,6 +11,7 @@ No label ever carries user text or request ids; model versions appear only on th
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import cast
 
@@ -193,11 +194,17 @@ class GatewayMetrics(Metrics):
         tier = tiers[0] if len(set(tiers)) == 1 else "mixed"
         self.inc("protege_requests", tier=tier, outcome="degraded" if any(degraded) else "ok")
         self.observe("protege_request_latency_seconds", seconds, tier=tier)
-        for t, bad, confidence, reason in zip(tiers, degraded, confidences, reasons, strict=True):
-            self.inc("protege_inputs", tier=t, outcome="degraded" if bad else "ok")
+        # one counter update per distinct tag set, not per input (a histogram has no
+        # bulk observe, so confidences are the one per-input call)
+        outcomes = Counter(
+            (t, "degraded" if bad else "ok") for t, bad in zip(tiers, degraded, strict=True)
+        )
+        for (t, outcome), count in outcomes.items():
+            self.inc("protege_inputs", count, tier=t, outcome=outcome)
+        for reason, count in Counter(r for r in reasons if r).items():
+            self.inc("protege_escalations", count, reason=reason)
+        for confidence in confidences:
             self.observe("protege_confidence", confidence)
-            if reason:
-                self.inc("protege_escalations", reason=reason)
 
     def rejected(self) -> None:
         self.inc("protege_requests", tier="none", outcome="rejected")

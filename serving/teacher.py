@@ -41,6 +41,11 @@ class Teacher:
             "max_tokens": self.model.max_tokens,
         }
 
+    async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        """The escalated inputs of one request in one handle call; each joins the batches
+        that form across concurrent requests."""
+        return list(await asyncio.gather(*(self.predict_one(t) for t in texts)))
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_one(self, texts: list[str]) -> list[dict[str, Any]]:
         """One text in, its probabilities out; Serve gathers concurrent calls into a batch."""

@@ -103,7 +103,7 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
 ):
     seed = seeded_registry.current()
     write_log(lite_cache, tmp_path / "log", 1600)
-    report = run(job_config(lite_cache, tmp_path))
+    report = run(job_config(lite_cache, tmp_path, max_tokens=48))
     assert report["result"] == "promoted", report["reason"]
     decision = report["decision"]
     drop = decision["escalation_drop"]
@@ -119,7 +119,10 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
     served = resolve_threshold(CascadeConfig(), manifest).value
     assert served == pytest.approx(decision["candidate"]["threshold"])
     assert manifest.training["window"]["new_records"] == report["window"]["new_records"]
-    again = run(job_config(lite_cache, tmp_path))
+    # trained, calibrated and so served at the job's max_tokens, whatever a config says
+    assert manifest.training["train"]["max_tokens"] == manifest.max_tokens == 48
+    assert Classifier(seeded_registry.path(current), "cpu", max_tokens=128).max_tokens == 48
+    again = run(job_config(lite_cache, tmp_path, max_tokens=48))
     assert again["result"] == "nothing-to-do" and "0 new records" in again["reason"]
     runs = sorted((seeded_registry.root / "runs").glob("*.json"))
     assert len(runs) == 2

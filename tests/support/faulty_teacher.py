@@ -31,15 +31,14 @@ class FaultyTeacher:
             "max_tokens": self.model.max_tokens,
         }
 
-    async def predict_one(self, text: str) -> dict[str, Any]:
+    async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
         if self.calls_dir is not None:
             (Path(self.calls_dir) / uuid.uuid4().hex).touch()
         if self.mode == "error":
             raise RuntimeError("the teacher's model failed")
         await asyncio.sleep(self.delay_s)
-        prediction = self.model.predict([text])
-        return {
-            "probs": prediction.probs[0].tolist(),
-            "truncated": prediction.truncated[0],
-            "version": self.model.version,
-        }
+        prediction = self.model.predict(texts)
+        return [
+            {"probs": row.tolist(), "truncated": cut, "version": self.model.version}
+            for row, cut in zip(prediction.probs, prediction.truncated, strict=True)
+        ]

@@ -60,3 +60,37 @@ def test_a_student_with_other_labels_is_refused_for_serving(tmp_path, tiny_pair)
         load_student(tiny_pair[0], CascadeConfig(threshold=0.5), "cpu", None, LABELS).rule.value
         == 0.5
     )
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and counts how many texts go through it (the seam of the test)."""
+
+    def __init__(self, inner):
+        self.inner, self.texts = inner, 0
+
+    def __call__(self, texts, *args, **kwargs):
+        self.texts += 1 if isinstance(texts, str) else len(texts)
+        return self.inner(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+MIXED = ["short", "word " * 100, "a headline of middling length here", "x" * 10, "tok " * 15]
+
+
+def test_each_input_is_tokenized_once_long_ones_included(tiny_pair):
+    model = Classifier(tiny_pair[0], "cpu")  # 64-token window: two of MIXED overflow it
+    counting = CountingTokenizer(model.tokenizer)
+    model.tokenizer = counting
+    prediction = model.predict(MIXED)
+    assert counting.texts == len(MIXED)
+    assert prediction.truncated == [False, True, False, False, False]
+    assert prediction.truncated == model._truncated(MIXED)  # the slow tokenizers' path agrees
+
+
+def test_length_groups_answer_in_the_callers_order(tiny_pair):
+    model = Classifier(tiny_pair[0], "cpu")
+    together = model.predict(MIXED).probs
+    alone = np.concatenate([model.predict([t]).probs for t in MIXED])
+    np.testing.assert_allclose(together, alone, atol=1e-5)

@@ -60,3 +60,30 @@ def test_metric_names_follow_prometheus_conventions():
             assert list(spec.buckets) == sorted(spec.buckets)
         if "latency" in spec.name or "duration" in spec.name:
             assert spec.name.endswith("_seconds")
+
+
+def test_a_request_updates_each_counter_once_per_tag_set_not_per_input():
+    from serving.metrics import GatewayMetrics
+
+    calls: list[tuple[str, str, float, dict]] = []
+
+    class Recording(GatewayMetrics):
+        def __init__(self):  # no Ray: record the calls instead
+            pass
+
+        def inc(self, name, value=1.0, **tags):
+            calls.append(("inc", name, value, tags))
+
+        def observe(self, name, value, **tags):
+            calls.append(("observe", name, value, tags))
+
+    tiers = ["student"] * 30 + ["teacher"] * 2
+    reasons = [None] * 30 + ["low_confidence"] * 2
+    Recording().request(tiers, [False] * 32, [0.9] * 32, reasons, 0.05)
+    incs = [(name, value, tags) for kind, name, value, tags in calls if kind == "inc"]
+    assert incs == [
+        ("protege_requests", 1.0, {"tier": "mixed", "outcome": "ok"}),
+        ("protege_inputs", 30, {"tier": "student", "outcome": "ok"}),
+        ("protege_inputs", 2, {"tier": "teacher", "outcome": "ok"}),
+        ("protege_escalations", 2, {"reason": "low_confidence"}),
+    ]

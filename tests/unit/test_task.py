@@ -357,3 +357,25 @@ def test_init_reads_parquet_traffic_and_samples_it(here, pair, capsys):
     assert init(task) == 0
     check_ready(here / "elsewhere", capsys.readouterr().out, n_traffic=40)
     assert not (here / "work").exists()
+
+
+def test_the_tasks_max_tokens_reaches_training_calibration_and_serving(here, pair, capsys):
+    from serving.classifier import Classifier
+    from serving.hot_swap import load_student
+
+    task = write_task(here, teacher=pair[1], student=pair[0], traffic=traffic(here), max_tokens=24)
+    assert init(task) == 0
+    capsys.readouterr()
+    work = here / "work"
+    serve = yaml.safe_load((work / "serve_config.yaml").read_text())
+    gateway = GatewayConfig.model_validate(serve["applications"][0]["args"])
+    assert gateway.student.max_tokens == gateway.teacher.max_tokens == 24
+    distill = DistillConfig.model_validate(yaml.safe_load((work / "distill.yaml").read_text()))
+    assert distill.train.max_tokens == 24  # what the job trains and calibrates at
+    registry = Registry(work / "registry")
+    seed = registry.current()
+    assert seed is not None and registry.manifest(seed).max_tokens == 24  # calibrated at 24
+    # served at the length it was calibrated at, whatever a config says
+    served = load_student(registry.path(seed), gateway.cascade, "cpu", 128, LABELS)
+    assert served.model.max_tokens == 24
+    assert Classifier(work / "models" / "teacher", "cpu", max_tokens=128).max_tokens == 24
