@@ -2,8 +2,8 @@
 
 The student runs inside the ingress replica so that a request the student keeps costs one
 proxy hop and no handle call (each hop costs milliseconds of CPU on a small machine);
-concurrent requests are batched per input with ``@serve.batch``. Only escalated inputs
-cross to the teacher deployment. The routes are in ``serving.http_api`` (behind
+concurrent requests are batched by ``serving.batcher`` (a batch forms when the model is
+free). Only escalated inputs cross to the teacher deployment, one handle call a request. The routes are in ``serving.http_api`` (behind
 ``serving.guard``), the cascade's orchestration in ``serving.service``; this class wires
 them to Ray: the batched student, the teacher handle, hot swaps and the serving gauges.
 """
@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.access import gatekeeper
+from serving.batcher import Batcher
 from serving.config import GatewayConfig, SwapRequest
 from serving.follow import PointerFollower
 from serving.hot_swap import ActiveStudent, Loader, StudentSlot, import_loader, without_paths
@@ -70,13 +71,21 @@ class Gateway:
             else None
         )
         self.labels = initial.model.labels
-        self._student_batch.set_max_batch_size(config.batching.max_batch_size)  # type: ignore[attr-defined]
-        self._student_batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.student_batcher: Batcher[str, StudentRow] = Batcher(
+            self._student_batch,
+            config.batching.max_batch_size,
+            config.batching.batch_wait_timeout_s,
+        )
         replica = serve.get_replica_context().replica_tag
         # an unusable log folder is counted and retried, never fatal
         self.log = LogSink(config.log, replica, self.metrics, config.s3_endpoint)
         self.service = CascadeService(
-            config, self.labels, self._student_batch, self._ask_teacher, self.log, self.metrics
+            config,
+            self.labels,
+            self.student_batcher.submit,
+            self._ask_teacher,
+            self.log,
+            self.metrics,
         )
         self.gatekeeper = gatekeeper(config.access)
         logger.warning("%s", self.gatekeeper.describe())
@@ -231,7 +240,6 @@ class Gateway:
 
     # --- the two models -------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _student_batch(self, texts: list[str]) -> list[StudentRow]:
         student = self.slot.active  # read once: a swap during this batch does not split it
         self.metrics.observe("protege_batch_size", len(texts), model="student")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,13 +119,16 @@ def check_metrics_port(port: int | None) -> None:
         )
 
 
-def deploy_config(config: dict[str, Any], base: Path) -> None:
-    """Deploy a Serve config file's applications through the controller's config path.
+def deploy_config(config: dict[str, Any], base: Path, timeout_s: float = 300.0) -> None:
+    """Deploy a Serve config file's applications through the controller's config path, and
+    wait until every one runs (Ray's own wait gives up after 60 s, too short for several
+    large models loading on 2 cores); a failed deployment raises with Serve's message.
 
     This is the path ``serve deploy`` and KubeRay use: a later deploy that changes only a
     deployment's ``user_config`` updates live replicas in place instead of restarting them.
     Relative model and log paths are made absolute against ``base``.
     """
+    from ray import serve
     from ray.serve import context
     from ray.serve.schema import ServeDeploySchema
 
@@ -135,7 +139,21 @@ def deploy_config(config: dict[str, Any], base: Path) -> None:
     client = context._get_global_client()
     if client is None:
         raise RuntimeError("Serve is not running: call local_ray.start() first")
-    client.deploy_apps(schema, _blocking=True)
+    client.deploy_apps(schema)
+    names = {app.name for app in schema.applications}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = {n: a for n, a in serve.status().applications.items() if n in names}
+        failed = [f"{n}: {a.message}" for n, a in statuses.items() if a.status == "DEPLOY_FAILED"]
+        if failed:
+            raise RuntimeError("Serve could not deploy " + "; ".join(failed))
+        if len(statuses) == len(names) and all(a.status == "RUNNING" for a in statuses.values()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Serve applications {sorted(names)} not running after {timeout_s} s"
+            )
+        time.sleep(0.5)
 
 
 def absolute_paths(args: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from serving.schemas import ClassifyOutput, Tier
 logger = logging.getLogger("ray.serve")
 
 StudentRow = tuple[np.ndarray, bool, ActiveStudent]  # probabilities, truncated, who answered
-StudentCall = Callable[[str], Awaitable[StudentRow]]
+StudentCall = Callable[[list[str]], Awaitable[list[StudentRow]]]  # one row per text
 TeacherCall = Callable[[list[str], float], Awaitable[list[dict[str, Any]]]]  # texts, timeout
 
 
@@ -163,7 +163,7 @@ class CascadeService:
         self, texts: list[str], request_id: str, threshold: float | None
     ) -> StudentAnswers:
         began = time.perf_counter()
-        rows = await asyncio.gather(*(self._student(t) for t in texts))
+        rows = await self._student(texts)
         self.metrics.observe(
             "protege_stage_latency_seconds", time.perf_counter() - began, stage="student"
         )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from serving.batcher import Batcher
 from serving.classifier import Classifier
 from serving.config import BatchingConfig, ModelSpec
 from serving.metrics import Metrics
@@ -31,8 +32,9 @@ class Teacher:
         self.model = Classifier(spec.path, device=device, max_tokens=spec.max_tokens)
         self.model.warm_up()
         self.metrics = Metrics()
-        self.predict_one.set_max_batch_size(batching.max_batch_size)  # type: ignore[attr-defined]
-        self.predict_one.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.batcher: Batcher[str, dict[str, Any]] = Batcher(
+            self._predict_batch, batching.max_batch_size, batching.batch_wait_timeout_s
+        )
 
     def info(self) -> dict[str, Any]:
         return {
@@ -42,13 +44,11 @@ class Teacher:
         }
 
     async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
-        """The escalated inputs of one request in one handle call; each joins the batches
-        that form across concurrent requests."""
-        return list(await asyncio.gather(*(self.predict_one(t) for t in texts)))
+        """The escalated inputs of one request, in one handle call; they join the batch
+        that forms across concurrent requests when the model is free."""
+        return await self.batcher.submit(texts)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_one(self, texts: list[str]) -> list[dict[str, Any]]:
-        """One text in, its probabilities out; Serve gathers concurrent calls into a batch."""
+    async def _predict_batch(self, texts: list[str]) -> list[dict[str, Any]]:
         self.metrics.observe("protege_batch_size", len(texts), model="teacher")
         prediction = await asyncio.to_thread(self.model.predict, texts)
         return [
