@@ -20,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from protege import distill_cli, registry_cli
+from protege import distill_cli, optimize_cli, registry_cli
 
 DEFAULT_CACHE = Path(os.environ.get("PROTEGE_CACHE", "var/cache"))
 
@@ -155,7 +155,13 @@ def _bench(args: argparse.Namespace) -> int:
     from protege.bench import run_bench
 
     report = run_bench(
-        args.cache, args.config, args.requests, args.concurrency, args.out, args.ingress
+        args.cache,
+        args.config,
+        args.requests,
+        args.concurrency,
+        args.out,
+        args.ingress,
+        args.registry,
     )
     print(json.dumps(report["summary"], indent=1))
     return 0
@@ -309,9 +315,18 @@ def parser() -> argparse.ArgumentParser:
     spread.set_defaults(func=_demo_spread)
 
     bench = sub.add_parser(
-        "bench", help="teacher-only, student-only, cascade and plain uvicorn, side by side"
+        "bench",
+        help="the learned student, the cascade and the teacher served, against the models' "
+        "own in-process cost, side by side",
     )
     bench.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    bench.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="whose current student to measure (default: var/demo/registry after `make demo`, "
+        "else the cache's registry, which holds only the seed)",
+    )
     bench.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
     bench.add_argument("--requests", type=int, default=600)
     bench.add_argument("--concurrency", type=int, default=16)
@@ -330,6 +345,7 @@ def parser() -> argparse.ArgumentParser:
     loop.set_defaults(func=_bench_loop)
 
     distill_cli.add_parser(sub)
+    optimize_cli.add_parser(sub)
     registry_cli.add_parser(sub)
     return root
 

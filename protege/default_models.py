@@ -45,6 +45,7 @@ from protege import bbc
 from protege.packages import minilm_folder, mpnet_folder
 from serving import meanpool
 from serving.classifier import pick_device
+from serving.onnx_runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Profile:
     train_limit: int | None  # headlines used to train the teacher (None: all)
     traffic_size: int  # texts in the task's traffic sample (scored by both models)
     target_agreement: float  # the default threshold target stored with the student
+    runtime: Runtime | None = None  # try serving both through this runtime (`protege optimize`)
 
 
 PROFILES = {
@@ -67,6 +69,7 @@ PROFILES = {
         train_limit=None,
         traffic_size=3000,
         target_agreement=0.97,
+        runtime="onnx",
     ),
     "lite": Profile(
         teacher_encoder="minilm",
@@ -175,8 +178,44 @@ def build_defaults(
     task = write_task(cache, profile)
     prepared = prepare(load_task(task), force=True, device=device)
     report = {**prepared.report, "training": training, "profile": profile_name}
+    if profile.runtime:
+        report["runtime"] = optimize_defaults(cache, profile.runtime)
     report_path.write_text(json.dumps(report, indent=1))
     return report
+
+
+def optimize_defaults(cache: Path, runtime: Runtime) -> dict[str, object]:
+    """Serve the seed student and the teacher through ``runtime`` where each keeps its
+    decisions and is faster (`protege optimize`, on the task's traffic sample)."""
+    from distill.config import load_distill_config
+    from distill.optimize import optimize_student, optimize_teacher
+    from distill.tables import read_texts
+    from serving.classifier import Classifier
+    from serving.registry import Registry
+
+    config = load_distill_config(cache / "distill.yaml")
+    assert config.traffic is not None
+    texts = read_texts(config.traffic)
+    registry = Registry(config.registry)
+    seed = registry.current()
+    assert seed is not None
+    teacher = Classifier(config.teacher, device="cpu", max_tokens=config.train.max_tokens)
+    trials = {
+        "student": optimize_student(
+            registry,
+            seed,
+            runtime,
+            texts,
+            teacher,
+            config.scorer,
+            config.scores_dir,
+        ),
+        "teacher": optimize_teacher(config.teacher, runtime, texts),
+    }
+    for role, trial in trials.items():
+        verdict = "serves on" if trial.accepted else "stays on torch, refused"
+        print(f"{role} {trial.version}: {verdict} {runtime}: {trial.reason}")
+    return {role: asdict(trial) for role, trial in trials.items()}
 
 
 def write_task(cache: Path, profile: Profile) -> Path:

@@ -6,7 +6,9 @@ code path loads the embedded defaults, the tiny test models and a user's own fol
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from serving import defaults, meanpool
 from serving.length_groups import plan_groups
 from serving.manifest import ModelManifest, read_manifest, weights_digest
+from serving.onnx_runtime import OnnxForward, Runtime
+
+logger = logging.getLogger(__name__)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -38,8 +43,13 @@ class Classifier:
     """A loaded classifier: its version, labels, and a batched ``predict``."""
 
     def __init__(
-        self, folder: Path, device: str = "auto", max_tokens: int | None = defaults.MAX_TOKENS
+        self,
+        folder: Path,
+        device: str = "auto",
+        max_tokens: int | None = defaults.MAX_TOKENS,
+        runtime: Runtime | None = None,
     ) -> None:
+        """``runtime`` overrides the manifest's (``torch`` when there is none)."""
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
@@ -64,6 +74,18 @@ class Classifier:
                 f"{folder}: manifest labels {self.manifest.labels} differ from the model's "
                 f"{self.labels}"
             )
+        self.runtime: Runtime = runtime or (self.manifest.runtime if self.manifest else "torch")
+        if self.runtime != "torch" and self.device.type != "cpu":
+            logger.warning("%s: runtime %s is for CPUs; serving with torch", folder, self.runtime)
+            self.runtime = "torch"
+        self._forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] = (
+            self._torch_forward
+            if self.runtime == "torch"
+            else OnnxForward(self.model, self.runtime, self.max_tokens)
+        )
+
+    def _torch_forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).logits
 
     @torch.inference_mode()
     def predict(self, texts: list[str]) -> Prediction:
@@ -76,7 +98,7 @@ class Classifier:
         probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         for group in plan_groups(lengths):
             batch = self.tokenizer.pad([features[i] for i in group], return_tensors="pt")
-            logits = self.model(**batch.to(self.device)).logits.float()
+            logits = self._forward(dict(batch.to(self.device))).float()
             probs[group] = torch.softmax(logits, dim=-1).cpu().numpy()
         return Prediction(probs=probs, truncated=truncated)
 

@@ -99,6 +99,12 @@ class ModelManifest(BaseModel):
         description="Tokens this version was trained and calibrated at, and so is served at "
         "(None: the config's max_tokens)",
     )
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        default="torch",
+        description="How the version is served on CPU: eager PyTorch, or ONNX Runtime on a "
+        "graph exported from the weights at load (float, or int8 weights); see "
+        "`protege optimize`",
+    )
     default_target: DefaultTarget | None = None
     calibration: Calibration | None = None
     eval: dict[str, float] = Field(default_factory=dict)
