@@ -108,6 +108,14 @@ def optimize_student(
         raise ValueError(f"{version} has no calibration to compare decisions against")
     if manifest.runtime != "torch":
         raise ValueError(f"{version} already runs on {manifest.runtime}; optimize its parent")
+    if manifest.calibration.kind != "traffic_sample":
+        # its threshold rests on weighted live records this command cannot rescore: a
+        # candidate recalibrated on the traffic sample would not be judged like for like
+        raise ValueError(
+            f"{version} is calibrated on live traffic ({manifest.calibration.source}); "
+            "optimize recalibrates on the task's traffic sample, so it takes versions "
+            "calibrated there (the seed)"
+        )
     target = manifest.default_target or DefaultTarget(target_agreement=0.97)
     staged = registry.staging_dir() / f"{version}-{runtime}.staging"
     shutil.rmtree(staged, ignore_errors=True)

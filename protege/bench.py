@@ -1,13 +1,21 @@
-"""``protege bench``: teacher-only, student-only and the cascade on the same Ray Serve stack,
-and the same student on plain uvicorn, side by side in one run on the default models.
+"""``protege bench``: what serving costs against what the models themselves cost, on the
+student the learning loop produced, side by side in one run.
 
-Writes ``bench.json`` and ``bench.md`` into the output folder and prints the table.
+Rows, in order: each model in process (the limit: no HTTP, the replicas' thread count,
+batch 1 and 32); the learned student on plain uvicorn; then per ingress (the Python proxy,
+HAProxy) on Ray Serve: the student alone (1 and 32 inputs a request), the cascade at the
+version's default target and at the threshold that keeps its accuracy within a point of
+the teacher's, the teacher served alone (its own application: no student, no log), and
+the seed student's cascade as a reference. Every served row is also a share of its
+in-process limit. Writes ``bench.json`` and ``bench.md`` and prints the table.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -15,143 +23,308 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from distill.evaluate import predict_all
+from distill.optimize import rate
 from protege import bbc
+from protege.bench_inprocess import InProcess, measure, threshold_near_teacher
+from protege.bench_report import markdown, served_row, summary
 from protege.default_models import build_defaults
-from protege.gateway_process import load_serve_config, running_gateway
-from protege.traffic import Run, send
+from protege.gateway_process import load_serve_config, running_gateway, with_student
+from protege.traffic import send
+from serving import local_ray
 from serving.access import steering_key
+from serving.classifier import Classifier
 from serving.client import ProtegeClient
-from serving.schemas import Tier
+from serving.manifest import read_manifest
+from serving.registry import Registry
 
-BENCH_PORT, PLAIN_PORT = 8200, 8300
-
-
-def _row(name: str, run: Run, gold: list[str], inputs_per_request: int = 1) -> dict[str, Any]:
-    labels = [o.label if o else None for o in run.outputs]
-    return {
-        "scenario": name,
-        "requests": len(run.latency_s),
-        "inputs_per_request": inputs_per_request,
-        "failed": run.failures,
-        "throughput_rps": round(run.throughput, 1),
-        "inputs_per_s": round(run.throughput * inputs_per_request, 1),
-        "p50_ms": round(run.latency_ms(None, 50), 2),
-        "p99_ms": round(run.latency_ms(None, 99), 2),
-        "accuracy": round(float(np.mean([a == b for a, b in zip(labels, gold, strict=True)])), 4),
-        "escalation_rate": round(float(np.mean([bool(o and o.escalated) for o in run.outputs])), 4),
-    }
+BENCH_PORT, PLAIN_PORT, METRICS_PORT = 8200, 8300, 8281
+TEACHER_ALONE = "/teacher-alone"
 
 
-def _scenarios(
-    url: str, key: str, texts: list[str], gold: list[str], concurrency: int, tag: str
-) -> list[dict[str, Any]]:
-    rows = []
-    plan: list[tuple[str, Tier | None, int]] = [
-        ("student-only", "student", 1),
-        ("cascade", None, 1),
-        ("teacher-only", "teacher", 1),
-        ("student-only, 32 inputs/request", "student", 32),
-    ]
-    for name, tier, batch in plan:
-        warm_up = texts[: concurrency * 2]
-        send(url, warm_up, concurrency=concurrency, force_tier=tier, api_key=key)
-        run = send(url, texts, concurrency=concurrency, force_tier=tier, batch=batch, api_key=key)
-        rows.append(_row(f"{name} ({tag})", run, gold, batch) | {"stack": tag})
-    return rows
-
-
-def _plain_uvicorn(
-    cache: Path, texts: list[str], gold: list[str], concurrency: int
-) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # Ray gives each replica one thread too
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "protege.plain_student",
-            "--model",
-            str(cache / "models" / "student"),
-            "--port",
-            str(PLAIN_PORT),
-        ],
-        env=env,
-    )
-    try:
-        with ProtegeClient(f"http://127.0.0.1:{PLAIN_PORT}") as client:
-            client.wait_ready(120)
-        url = f"http://127.0.0.1:{PLAIN_PORT}"
-        send(url, texts[: concurrency * 2], concurrency=concurrency)
-        return _row(
-            "student-only (plain uvicorn, no Ray)", send(url, texts, concurrency=concurrency), gold
-        ) | {"stack": "uvicorn"}
-    finally:
-        server.terminate()
-        server.wait(30)
+def default_registry(cache: Path) -> Path:
+    """The demo's registry when ``make demo`` has run (it holds learned students), else
+    the cache's (the seed alone)."""
+    demo = Path("var/demo/registry")
+    return demo if (demo / "current.json").exists() else cache / "registry"
 
 
 def run_bench(
-    cache: Path, config_path: Path, requests: int, concurrency: int, out: Path, ingress: str
+    cache: Path,
+    config_path: Path,
+    requests: int,
+    concurrency: int,
+    out: Path,
+    ingress: str,
+    registry_path: Path | None = None,
 ) -> dict[str, Any]:
     build_defaults(cache)
+    registry = Registry(registry_path or default_registry(cache))
+    current, seed = registry.current(), _seed_version(cache)
+    if current is None:
+        raise SystemExit(f"error: registry {registry.uri} has no current version")
+    served = registry.manifest(current)
+    learned = (served.parent if served.runtime != "torch" else current) != seed
+    _announce(current, seed, learned, registry.uri)
     pool = bbc.read_split(cache / "data", "holdout") + bbc.read_split(cache / "data", "stream")
-    examples = [pool[i % len(pool)] for i in range(requests)]
-    texts, gold = [e.text for e in examples], [e.label for e in examples]
-    key, keys_file = steering_key(out.resolve())  # the rows that force a tier use it
-    config = load_serve_config(
-        config_path,
-        cache,
-        cascade={"audit_fraction": 0.0},
-        log={"dir": str(out / "escalations")},
-        access={"keys_file": str(keys_file)},
-    )
-    rows = [_plain_uvicorn(cache, texts, gold, concurrency)]
-    for mode in ["proxy", "haproxy"] if ingress == "both" else [ingress]:
+    random.Random(0).shuffle(pool)
+    bench, select = pool[:requests], pool[requests : requests + 600]
+    texts, gold = [e.text for e in bench], [e.label for e in bench]
+
+    torch.set_num_threads(1)  # as each replica gets (Ray sets one thread per fractional CPU)
+    limits, point = _in_process(registry.path(current), cache, texts, select)
+    key, keys_file = steering_key(out.resolve())  # rows with routing overrides use it
+    config = _config(config_path, cache, registry, out, keys_file)
+    rows = [_in_process_row(m, gold, b) for m in limits.values() for b in sorted(m.rates)]
+    rows += _torch_rows(registry.path(current), cache, texts, gold, limits)
+    rows.append(_plain_uvicorn(registry.path(current), texts, gold, concurrency, limits))
+    modes: list[local_ray.Ingress] = ["proxy", "haproxy"] if ingress == "both" else [ingress]  # type: ignore[list-item]
+    for mode in modes:
         began = time.perf_counter()
-        with running_gateway(config, port=BENCH_PORT, ingress=mode) as url:  # type: ignore[arg-type]
-            rows += _scenarios(url, key, texts, gold, concurrency, f"Serve, {mode}")
-        print(
-            f"{mode}: whole stack up, measured and shut down in {time.perf_counter() - began:.0f} s"
-        )
-    summary = _summary(rows)
+        with running_gateway(
+            config, port=BENCH_PORT, metrics_port=METRICS_PORT, ingress=mode
+        ) as url:
+            plan = _Plan(url, key, texts, gold, concurrency, f"Serve, {mode}", limits)
+            rows += plan.run(point.threshold, seed if learned else None, config)
+        print(f"{mode}: stack up, measured and shut down in {time.perf_counter() - began:.0f} s")
     report = {
+        "student": {"version": current, "seed": seed, "learned": learned},
+        "registry": registry.uri,
         "requests": requests,
         "concurrency": concurrency,
+        "threads_per_replica": 1,
+        "near_teacher": point.__dict__,
         "rows": rows,
-        "summary": summary,
+        "summary": summary(rows),
         "machine": {"cpus": os.cpu_count()},
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=1))
-    (out / "bench.md").write_text(markdown(rows))
-    print("\n" + markdown(rows))
+    (out / "bench.md").write_text(markdown(report))
+    print("\n" + markdown(report))
     return report
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    by = {r["scenario"]: r for r in rows}
-    plain = by["student-only (plain uvicorn, no Ray)"]["throughput_rps"]
-    summary: dict[str, Any] = {}
-    for stack in sorted({r["stack"] for r in rows if r["stack"] != "uvicorn"}):
-        student, cascade, teacher = (
-            by[f"{n} ({stack})"] for n in ("student-only", "cascade", "teacher-only")
-        )
-        summary[stack] = {
-            "student_vs_plain_uvicorn_throughput": round(student["throughput_rps"] / plain, 3),
-            "cascade_vs_teacher_throughput": round(
-                cascade["throughput_rps"] / teacher["throughput_rps"], 3
+def _seed_version(cache: Path) -> str:
+    manifest = read_manifest(cache / "models" / "student")
+    if manifest is None:
+        raise SystemExit(f"error: {cache / 'models' / 'student'} has no protege.json")
+    return manifest.version
+
+
+def _announce(current: str, seed: str, learned: bool, where: str) -> None:
+    if learned:
+        print(f"measuring the learned student {current} from {where} (seed {seed} as reference)")
+        return
+    bar = "!" * 78
+    print(
+        f"{bar}\n!! only the seed student {seed} is in {where}: every row measures the SEED."
+        f"\n!! Run `make demo` (or `protege distill`) first to measure a learned student.\n{bar}"
+    )
+
+
+def _in_process(
+    student_folder: Path, cache: Path, texts: list[str], select: list[bbc.Example]
+) -> tuple[dict[str, InProcess], Any]:
+    """Both models' limits on the bench texts, and the near-teacher threshold chosen on a
+    disjoint labelled slice (``select``), so the served accuracy is not fitted to itself."""
+    student = Classifier(student_folder)
+    teacher = Classifier(cache / "models" / "teacher")
+    limits = {
+        "student": measure("student", student, texts),
+        "teacher": measure("teacher", teacher, texts),
+    }
+    chosen = [e.text for e in select]
+    gold = np.array([student.labels.index(e.label) for e in select])
+    point = threshold_near_teacher(
+        predict_all(student, chosen), predict_all(teacher, chosen), gold, "max_prob"
+    )
+    print(
+        f"near-teacher threshold {point.threshold:.4f}: cascade accuracy {point.accuracy:.1%} "
+        f"vs teacher {point.teacher_accuracy:.1%}, escalating {point.escalation_rate:.1%} "
+        f"(on {len(select)} labelled inputs not in the bench)"
+    )
+    return limits, point
+
+
+def _in_process_row(model: InProcess, gold: list[str], batch: int) -> dict[str, Any]:
+    labels = np.array(bbc.LABELS)[model.probs.argmax(1)]
+    return {
+        "scenario": f"{model.name} on {model.runtime}, in process, batch {batch}",
+        "stack": "in process",
+        "model": model.version,
+        "inputs_per_request": batch,
+        "inputs_per_s": model.rates[batch],
+        "accuracy": round(float(np.mean(labels == np.array(gold))), 4),
+    }
+
+
+def _torch_rows(
+    student: Path, cache: Path, texts: list[str], gold: list[str], limits: dict[str, InProcess]
+) -> list[dict[str, Any]]:
+    """The same weights on eager PyTorch, for a model served through ONNX Runtime: what
+    the runtime buys, in process."""
+    rows = []
+    for name, folder in (("student", student), ("teacher", cache / "models" / "teacher")):
+        if limits[name].runtime == "torch":
+            continue
+        model = Classifier(folder, runtime="torch")
+        for batch in (1, 32):
+            row = _in_process_row(limits[name], gold, batch)  # the same answers (to 1e-5)
+            rows.append(
+                row
+                | {
+                    "scenario": f"{name} on torch (not served), in process, batch {batch}",
+                    "inputs_per_s": round(rate(model, texts, batch, 10.0), 1),
+                }
+            )
+    return rows
+
+
+def _config(
+    path: Path, cache: Path, registry: Registry, out: Path, keys_file: Path
+) -> dict[str, Any]:
+    """The cascade following ``registry``, and beside it the teacher served alone: the
+    same gateway with the teacher in the student's place, never escalating, logging
+    nothing (so it pays for one model and one hop, as teacher-only serving would)."""
+    config = load_serve_config(
+        path,
+        cache,
+        registry=registry.uri,
+        cascade={"audit_fraction": 0.0},
+        log={"dir": str(out / "escalations")},
+        access={"keys_file": str(keys_file)},
+    )
+    cascade = config["applications"][0]
+    alone = copy.deepcopy(cascade)
+    alone |= {"name": "teacher-alone", "route_prefix": TEACHER_ALONE}
+    args = alone["args"]
+    args["student"] = {**args["student"], "path": str(cache / "models" / "teacher")}
+    args["registry"] = None
+    args["cascade"] = {**args["cascade"], "threshold": 0.0}  # confidence >= 0: never escalates
+    args["log"] = {**args["log"], "dir": str(out / "teacher-alone-log")}
+    config["applications"] = [cascade, alone]
+    return config
+
+
+class _Plan:
+    """The served rows on one running stack."""
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        texts: list[str],
+        gold: list[str],
+        concurrency: int,
+        stack: str,
+        limits: dict[str, InProcess],
+    ) -> None:
+        self.url, self.key, self.texts, self.gold = url, key, texts, gold
+        self.concurrency, self.stack, self.limits = concurrency, stack, limits
+
+    def run(
+        self, near_teacher: float, seed: str | None, config: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        with ProtegeClient(self.url + TEACHER_ALONE) as client:
+            client.wait_ready(300)
+        rows = [
+            self._row("student-only", force_tier="student"),
+            self._row("student-only, 32 inputs/request", force_tier="student", batch=32),
+            self._row("cascade, default target", limit_model="cascade"),
+            self._row(
+                "cascade, within 1 pt of teacher", threshold=near_teacher, limit_model="cascade"
             ),
-            "cascade_accuracy_gap_to_teacher": round(teacher["accuracy"] - cascade["accuracy"], 4),
-        }
-    return summary
+            self._row("teacher alone", url=self.url + TEACHER_ALONE, limit_model="teacher"),
+        ]
+        if seed is not None:  # pin the seed in place (a user_config update), then measure
+            local_ray.deploy_config(with_student(config, seed), Path.cwd())
+            with ProtegeClient(self.url) as client:
+                while client.models().student.version != seed:
+                    time.sleep(0.2)
+            rows.append(self._row("cascade, seed student (reference)", limit_model="cascade"))
+        return rows
 
-
-def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| scenario | req/s | inputs/s | p50 ms | p99 ms | accuracy | escalated | failed |"
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        lines.append(
-            f"| {r['scenario']} | {r['throughput_rps']} | {r['inputs_per_s']} | {r['p50_ms']} | {r['p99_ms']} "
-            f"| {r['accuracy']:.1%} | {r['escalation_rate']:.1%} | {r['failed']} |"
+    def _row(
+        self,
+        name: str,
+        *,
+        url: str | None = None,
+        batch: int = 1,
+        limit_model: str = "student",
+        **routing: Any,
+    ) -> dict[str, Any]:
+        url = url or self.url
+        batches = _BatchSizes(METRICS_PORT)
+        send(
+            url,
+            self.texts[: self.concurrency * 2],
+            concurrency=self.concurrency,
+            api_key=self.key,
+            **routing,
         )
-    return "\n".join(lines) + "\n"
+        before = batches.read()
+        run = send(
+            url, self.texts, concurrency=self.concurrency, batch=batch, api_key=self.key, **routing
+        )
+        mean_batch = batches.mean_since(before)
+        return served_row(
+            f"{name} ({self.stack})", self.stack, run, self.gold, batch, self.limits, limit_model
+        ) | {"mean_batch": mean_batch}
+
+
+class _BatchSizes:
+    """Mean forward-pass batch size per model over a row, from the replicas' own
+    ``protege_batch_size`` histogram on the metrics agent (exported every few seconds)."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://{local_ray.LOOPBACK}:{port}/metrics"
+
+    def read(self) -> dict[str, tuple[float, float]]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        time.sleep(6)  # let the agent export what the last requests recorded
+        totals: dict[str, list[float]] = {}
+        text = httpx.get(self.url, timeout=10).text
+        for family in text_string_to_metric_families(text):
+            if family.name != "ray_protege_batch_size":
+                continue
+            for sample in family.samples:
+                key = f"{sample.labels.get('application')}/{sample.labels.get('model')}"
+                if sample.name.endswith("_sum"):
+                    totals.setdefault(key, [0.0, 0.0])[0] += sample.value
+                elif sample.name.endswith("_count"):
+                    totals.setdefault(key, [0.0, 0.0])[1] += sample.value
+        return {k: (v[0], v[1]) for k, v in totals.items()}
+
+    def mean_since(self, before: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
+        after = self.read()
+        means = {}
+        for key, (total, count) in after.items():
+            t0, c0 = before.get(key, (0.0, 0.0))
+            if count > c0:
+                means[key] = {"mean": round((total - t0) / (count - c0), 1), "batches": count - c0}
+        return means
+
+
+def _plain_uvicorn(
+    folder: Path, texts: list[str], gold: list[str], concurrency: int, limits: dict[str, InProcess]
+) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # Ray gives each replica one thread too
+    command = [sys.executable, "-m", "protege.plain_student", "--model", str(folder)]
+    server = subprocess.Popen([*command, "--port", str(PLAIN_PORT)], env=env)
+    try:
+        url = f"http://127.0.0.1:{PLAIN_PORT}"
+        with ProtegeClient(url) as client:
+            client.wait_ready(120)
+        send(url, texts[: concurrency * 2], concurrency=concurrency)
+        run = send(url, texts, concurrency=concurrency)
+        return served_row(
+            "student-only (plain uvicorn, no Ray)", "uvicorn", run, gold, 1, limits, "student"
+        )
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -38,6 +38,7 @@ async def _send_all(
     force_tier: Tier | None,
     batch: int,
     api_key: str | None,
+    threshold: float | None = None,
 ) -> Run:
     run = Run(outputs=[None] * len(texts), latency_s=[], tiers=[])
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -53,7 +54,9 @@ async def _send_all(
                 chunk = texts[start : start + batch]
                 began = time.perf_counter()
                 try:
-                    result = await client.classify(chunk, force_tier=force_tier)
+                    result = await client.classify(
+                        chunk, force_tier=force_tier, threshold=threshold
+                    )
                 except Exception:
                     run.failures += 1
                     continue
@@ -75,6 +78,7 @@ def send(
     force_tier: Tier | None = None,
     batch: int = 1,
     api_key: str | None = None,
+    threshold: float | None = None,
 ) -> Run:
     """Send every text (``batch`` per request) over ``concurrency`` connections."""
-    return asyncio.run(_send_all(url, texts, concurrency, force_tier, batch, api_key))
+    return asyncio.run(_send_all(url, texts, concurrency, force_tier, batch, api_key, threshold))

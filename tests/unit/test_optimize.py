@@ -141,3 +141,21 @@ def test_the_teacher_switches_in_place_only_when_accepted(tmp_path, tiny_pair, f
         "onnx",
         "teacher-t",
     )
+
+
+def test_a_version_calibrated_on_live_traffic_is_not_recalibrated_on_the_sample(seeded, tmp_path):
+    registry, teacher, inputs = seeded
+    live = registry.manifest("student-seed")
+    assert live.calibration is not None
+    staged = tmp_path / "live"
+    shutil.copytree(registry.path("student-seed"), staged)
+    (staged / "_complete.json").unlink(missing_ok=True)
+    calibration = live.calibration.model_copy(update={"kind": "live_traffic"})
+    write_manifest(
+        staged, live.model_copy(update={"version": "student-live", "calibration": calibration})
+    )
+    registry.publish(staged)
+    with pytest.raises(ValueError, match="calibrated on live traffic"):
+        optimize_student(
+            registry, "student-live", "onnx", inputs, teacher, "max_prob", tmp_path / "s"
+        )
