@@ -250,7 +250,8 @@ def _judge_and_publish(
     examples: int,
     lease: Lease,
 ) -> dict[str, Any]:
-    candidate = f"student-{weights_digest(staged)}"
+    suffix = "" if config.runtime == "torch" else f"-{config.runtime}"
+    candidate = f"student-{weights_digest(staged)}{suffix}"
     training = {
         "window": window.describe(),
         "examples": examples,
@@ -266,6 +267,7 @@ def _judge_and_publish(
         created_at=time.time(),
         labels=labeller.labels,
         max_tokens=config.train.max_tokens,
+        runtime=config.runtime,
         default_target=DefaultTarget(target_agreement=config.gate.target_agreement),
         training=training,
     )

@@ -241,7 +241,7 @@ class _Plan:
         ]
         if seed is not None:  # pin the seed in place (a user_config update), then measure
             local_ray.deploy_config(with_student(config, seed), Path.cwd())
-            with ProtegeClient(self.url) as client:
+            with ProtegeClient(self.url, api_key=self.key) as client:
                 while client.models().student.version != seed:
                     time.sleep(0.2)
             rows.append(self._row("cascade, seed student (reference)", limit_model="cascade"))

@@ -62,7 +62,9 @@ def write_log(
     writer.close()
 
 
-def job_config(cache: Path, root: Path, min_sampled: int = 30, **train) -> DistillConfig:
+def job_config(
+    cache: Path, root: Path, min_sampled: int = 30, runtime: str = "torch", **train
+) -> DistillConfig:
     """The lite teacher's training is not bit-for-bit repeatable, so the student's
     calibrated threshold, and how many stream inputs it keeps (11-38 %), move between
     builds: tests about the run's mechanics rather than the gate ask for less evidence."""
@@ -76,6 +78,7 @@ def job_config(cache: Path, root: Path, min_sampled: int = 30, **train) -> Disti
             "cache_dir": cache / "scores",
             "min_records": 50,
             "device": "cpu",
+            "runtime": runtime,
             "train": {"epochs": 2, "batch_size": 16, "lr_encoder": 5e-5, "lr_head": 2e-3, **train},
             "replay": {"earlier_records": 50},
             "eval": {"share": 0.5, "min_calibration_sampled": 30},
@@ -103,7 +106,7 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
 ):
     seed = seeded_registry.current()
     write_log(lite_cache, tmp_path / "log", 1600)
-    report = run(job_config(lite_cache, tmp_path, max_tokens=48))
+    report = run(job_config(lite_cache, tmp_path, runtime="onnx", max_tokens=48))
     assert report["result"] == "promoted", report["reason"]
     decision = report["decision"]
     drop = decision["escalation_drop"]
@@ -121,8 +124,11 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
     assert manifest.training["window"]["new_records"] == report["window"]["new_records"]
     # trained, calibrated and so served at the job's max_tokens, whatever a config says
     assert manifest.training["train"]["max_tokens"] == manifest.max_tokens == 48
-    assert Classifier(seeded_registry.path(current), "cpu", max_tokens=128).max_tokens == 48
-    again = run(job_config(lite_cache, tmp_path, max_tokens=48))
+    promoted = Classifier(seeded_registry.path(current), "cpu", max_tokens=128)
+    assert promoted.max_tokens == 48
+    # judged, calibrated and served on the runtime it is published for
+    assert current.endswith("-onnx") and manifest.runtime == promoted.runtime == "onnx"
+    again = run(job_config(lite_cache, tmp_path, runtime="onnx", max_tokens=48))
     assert again["result"] == "nothing-to-do" and "0 new records" in again["reason"]
     runs = sorted((seeded_registry.root / "runs").glob("*.json"))
     assert len(runs) == 2
