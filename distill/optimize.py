@@ -160,17 +160,22 @@ def optimize_student(
 
 
 def optimize_teacher(
-    folder: Path, runtime: Runtime, texts: list[str], bound: float = AGREEMENT_BOUND
+    folder: Path,
+    runtime: Runtime,
+    texts: list[str],
+    bound: float = AGREEMENT_BOUND,
+    cache: Path | None = None,
 ) -> Trial:
     """Judge the teacher folder on ``runtime`` (its labels are its decisions); when
     accepted, its manifest switches in place (a new version id, so its answers are
-    told apart in the log)."""
+    told apart in the log). With ``cache``, the float answers come from the score cache."""
     manifest: ModelManifest | None = read_manifest(folder)
     if manifest is None or manifest.runtime != "torch":
         raise ValueError(f"{folder}: needs a manifest on the torch runtime (run `protege init`)")
     base = Classifier(folder, device="cpu")
     candidate = Classifier(folder, device="cpu", runtime=runtime)
-    base_labels = predict_all(base, texts).argmax(1)
+    base_probs = cached_probs(base, texts, cache, "traffic") if cache else predict_all(base, texts)
+    base_labels = base_probs.argmax(1)
     labels = predict_all(candidate, texts).argmax(1)
     trial = judge(base, candidate, texts, base_labels, labels, bound)
     trial = Trial(**{**asdict(trial), "version": f"{manifest.version}-{runtime}"})

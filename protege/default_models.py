@@ -210,7 +210,7 @@ def optimize_defaults(cache: Path, runtime: Runtime) -> dict[str, object]:
             config.scorer,
             config.scores_dir,
         ),
-        "teacher": optimize_teacher(config.teacher, runtime, texts),
+        "teacher": optimize_teacher(config.teacher, runtime, texts, cache=config.scores_dir),
     }
     for role, trial in trials.items():
         verdict = "serves on" if trial.accepted else "stays on torch, refused"

@@ -23,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.config}: `traffic` is needed (the texts to compare on)")
         texts = read_texts(config.traffic)[: args.inputs]
         if args.teacher:
-            trial = optimize_teacher(config.teacher, args.runtime, texts, args.bound)
+            trial = optimize_teacher(
+                config.teacher, args.runtime, texts, args.bound, config.scores_dir
+            )
         else:
             registry = Registry(config.registry, endpoint_url=config.s3_endpoint)
             version = args.version or registry.current()
