@@ -65,8 +65,8 @@ def run_bench(
     current, seed = registry.current(), _seed_version(cache)
     if current is None:
         raise SystemExit(f"error: registry {registry.uri} has no current version")
-    served = registry.manifest(current)
-    learned = (served.parent if served.runtime != "torch" else current) != seed
+    runtime = registry.manifest(current).runtime
+    learned = current not in (seed, f"{seed}-{runtime}")  # the seed, or it on another runtime
     _announce(current, seed, learned, registry.uri)
     pool = bbc.read_split(cache / "data", "holdout") + bbc.read_split(cache / "data", "stream")
     random.Random(0).shuffle(pool)

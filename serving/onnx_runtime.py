@@ -71,7 +71,13 @@ def quantize_int8(graph: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(graph)
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger
+        try:
+            quantize_dynamic(
+                str(source), str(target), weight_type=QuantType.QInt8, per_channel=True
+            )
+        finally:
+            logging.disable(logging.NOTSET)
         return target.read_bytes()
 
 
