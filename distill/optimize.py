@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from serving.classifier import Classifier
 from serving.config import CascadeConfig
 from serving.manifest import DefaultTarget, ModelManifest, read_manifest, write_manifest
 from serving.onnx_runtime import Runtime
-from serving.registry import Registry
+from serving.registry import PointerMoved, Registry
 from serving.scoring import get_scorer, should_escalate
 
 AGREEMENT_BOUND = 0.995
@@ -153,7 +153,11 @@ def optimize_student(
         )
         if not registry.exists(candidate_version):
             registry.publish(staged)
-        registry.promote(candidate_version, expected=version)
+        try:
+            registry.promote(candidate_version, expected=version)
+        except PointerMoved:  # a promotion or rollback while this ran stands
+            reason = f"published, not promoted: current is {registry.current()}, not {version}"
+            return replace(trial, accepted=False, reason=reason)
         return trial
     finally:
         shutil.rmtree(staged, ignore_errors=True)

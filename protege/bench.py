@@ -31,12 +31,18 @@ from protege import bbc
 from protege.bench_inprocess import InProcess, measure, threshold_near_teacher
 from protege.bench_report import markdown, served_row, summary
 from protege.default_models import build_defaults
-from protege.gateway_process import load_serve_config, running_gateway, with_student
+from protege.gateway_process import (
+    load_serve_config,
+    running_gateway,
+    wait_for_version,
+    with_student,
+)
 from protege.traffic import send
 from serving import local_ray
 from serving.access import steering_key
 from serving.classifier import Classifier
 from serving.client import ProtegeClient
+from serving.defaults import SCORER
 from serving.manifest import read_manifest
 from serving.registry import Registry
 
@@ -74,9 +80,10 @@ def run_bench(
     texts, gold = [e.text for e in bench], [e.label for e in bench]
 
     torch.set_num_threads(1)  # as each replica gets (Ray sets one thread per fractional CPU)
-    limits, point = _in_process(registry.path(current), cache, texts, select)
     key, keys_file = steering_key(out.resolve())  # rows with routing overrides use it
     config = _config(config_path, cache, registry, out, keys_file)
+    scorer = config["applications"][0]["args"].get("cascade", {}).get("scorer", SCORER)
+    limits, point = _in_process(registry.path(current), cache, texts, select, scorer)
     rows = [_in_process_row(m, gold, b) for m in limits.values() for b in sorted(m.rates)]
     rows += _torch_rows(registry.path(current), cache, texts, gold, limits)
     rows.append(_plain_uvicorn(registry.path(current), texts, gold, concurrency, limits))
@@ -126,7 +133,11 @@ def _announce(current: str, seed: str, learned: bool, where: str) -> None:
 
 
 def _in_process(
-    student_folder: Path, cache: Path, texts: list[str], select: list[bbc.Example]
+    student_folder: Path,
+    cache: Path,
+    texts: list[str],
+    select: list[bbc.Example],
+    scorer: str,
 ) -> tuple[dict[str, InProcess], Any]:
     """Both models' limits on the bench texts, and the near-teacher threshold chosen on a
     disjoint labelled slice (``select``), so the served accuracy is not fitted to itself."""
@@ -139,7 +150,7 @@ def _in_process(
     chosen = [e.text for e in select]
     gold = np.array([student.labels.index(e.label) for e in select])
     point = threshold_near_teacher(
-        predict_all(student, chosen), predict_all(teacher, chosen), gold, "max_prob"
+        predict_all(student, chosen), predict_all(teacher, chosen), gold, scorer
     )
     print(
         f"near-teacher threshold {point.threshold:.4f}: cascade accuracy {point.accuracy:.1%} "
@@ -242,8 +253,7 @@ class _Plan:
         if seed is not None:  # pin the seed in place (a user_config update), then measure
             local_ray.deploy_config(with_student(config, seed), Path.cwd())
             with ProtegeClient(self.url, api_key=self.key) as client:
-                while client.models().student.version != seed:
-                    time.sleep(0.2)
+                wait_for_version(client, seed)
             rows.append(self._row("cascade, seed student (reference)", limit_model="cascade"))
         return rows
 

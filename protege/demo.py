@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,12 @@ from protege import bbc
 from protege.default_models import build_defaults
 from protege.demo_holdout import Holdout
 from protege.demo_report import plot, print_round, print_summary
-from protege.gateway_process import load_serve_config, running_gateway, with_student
+from protege.gateway_process import (
+    load_serve_config,
+    running_gateway,
+    wait_for_version,
+    with_student,
+)
 from protege.traffic import send
 from serving import local_ray
 from serving.client import ProtegeClient
@@ -90,7 +94,7 @@ def run_demo(
             report = distill_run(distill_config)
             if report["result"] == "promoted":
                 local_ray.deploy_config(with_student(serve_config, report["candidate"]), Path.cwd())
-                _wait_for_version(client, report["candidate"])
+                wait_for_version(client, report["candidate"])
             serving = registry.current() or ""
             rows.append(_round_row(number, served, report, holdout.figures(registry.path(serving))))
             print_round(rows[-1])
@@ -114,14 +118,6 @@ def run_demo(
     plot(rows, summary, out / "learning_curve.png")
     print(f"\nwritten: {out / 'demo.json'} and {out / 'learning_curve.png'}")
     return report_all
-
-
-def _wait_for_version(client: ProtegeClient, version: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while client.models().student.version != version:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the gateway did not swap to {version} in {timeout_s} s")
-        time.sleep(0.5)
 
 
 def _round_row(

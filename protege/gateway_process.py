@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,3 +67,12 @@ def with_student(config: dict[str, Any], version: str) -> dict[str, Any]:
             deployments.append(gateway)
         gateway["user_config"] = {"student_version": version}
     return updated
+
+
+def wait_for_version(client: ProtegeClient, version: str, timeout_s: float = 300) -> None:
+    """Until the gateway's student is ``version`` (a swap has landed)."""
+    deadline = time.monotonic() + timeout_s
+    while client.models().student.version != version:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gateway did not swap to {version} in {timeout_s} s")
+        time.sleep(0.5)

@@ -53,15 +53,20 @@ class Batcher(Generic[T, R]):
 
     async def _work(self) -> None:
         assert self._arrived is not None
+        idle = True  # the worker starts on its first input
         while True:
-            await self._arrived.wait()
-            if len(self._queue) < self.max_batch_size and self.wait_s > 0:
-                await asyncio.sleep(self.wait_s)
-            batch = self._next_batch()
             if not self._queue:
                 self._arrived.clear()
+                await self._arrived.wait()
+                idle = True
+            # an idle model lets an input wait briefly for company; a busy one takes what
+            # queued while it ran, at once
+            if idle and len(self._queue) < self.max_batch_size and self.wait_s > 0:
+                await asyncio.sleep(self.wait_s)
+            batch = self._next_batch()
             if batch:
                 await self._run_batch(batch)
+            idle = False
 
     def _next_batch(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch: list[tuple[T, asyncio.Future[R]]] = []

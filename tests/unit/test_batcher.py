@@ -84,3 +84,18 @@ def test_a_lone_input_waits_briefly_for_company():
         return model.batches
 
     assert asyncio.run(scenario()) == [[1, 2]]
+
+
+def test_a_busy_model_takes_what_queued_at_once_and_only_an_idle_one_waits():
+    async def scenario():
+        model = Model(seconds=0.1)
+        batcher = Batcher(model, max_batch_size=32, wait_s=1.0)
+        first = asyncio.create_task(batcher.submit([0]))  # idle: waits 1 s, runs 1.0-1.1
+        await asyncio.sleep(1.05)
+        second = asyncio.create_task(batcher.submit([1]))  # queued while [0] runs
+        await asyncio.sleep(0.35)
+        # had [1] waited another second for company, [2] would have joined it
+        await asyncio.gather(first, second, batcher.submit([2]))
+        return model.batches
+
+    assert asyncio.run(scenario()) == [[0], [1], [2]]

@@ -159,3 +159,27 @@ def test_a_version_calibrated_on_live_traffic_is_not_recalibrated_on_the_sample(
         optimize_student(
             registry, "student-live", "onnx", inputs, teacher, "max_prob", tmp_path / "s"
         )
+
+
+def test_a_promotion_while_optimizing_stands(seeded, tmp_path, monkeypatch):
+    registry, teacher, inputs = seeded
+    other = tmp_path / "other"
+    shutil.copytree(registry.path("student-seed"), other)
+    (other / "_complete.json").unlink(missing_ok=True)
+    write_manifest(
+        other, registry.manifest("student-seed").model_copy(update={"version": "student-other"})
+    )
+    registry.publish(other)
+
+    def rate_while_an_operator_promotes(model, texts, batch, seconds):
+        if registry.current() == "student-seed":
+            registry.promote("student-other")
+        return 3.0 if model.runtime != "torch" else 1.0
+
+    monkeypatch.setattr(optimize, "rate", rate_while_an_operator_promotes)
+    trial = optimize_student(
+        registry, "student-seed", "onnx", inputs, teacher, "max_prob", tmp_path / "s"
+    )
+    assert not trial.accepted and "not promoted: current is student-other" in trial.reason
+    assert registry.current() == "student-other"  # the operator's promotion is not undone
+    assert registry.exists("student-seed-onnx")
