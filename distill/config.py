@@ -102,10 +102,22 @@ class GateConfig(_Strict):
         default=0.01,
         ge=0,
         le=1,
-        description="The escalation drop's one-sided lower bound must exceed this",
+        description="The one-sided lower bound of the drop in escalation needed for the "
+        "target agreement must exceed min(min_drop, min_relative_drop x the current's)",
+    )
+    min_relative_drop: float = Field(
+        default=0.10,
+        ge=0,
+        le=1,
+        description="The drop required as a share of what the current student needs, when "
+        "that is smaller than min_drop (a student near zero escalation can be replaced)",
     )
     agreement_margin: float = Field(
-        default=0.01, ge=0, le=1, description="Cascade agreement the candidate may lose"
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Refuse a candidate whose cascade agreement at the threshold it would "
+        "serve with has a one-sided upper bound below target_agreement minus this",
     )
     gold_margin: float = Field(
         default=0.02, ge=0, le=1, description="Cascade gold accuracy the candidate may lose"

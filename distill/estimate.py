@@ -6,12 +6,14 @@ probability, the records stand for all served inputs: the ratio form of the
 Horvitz-Thompson estimator, ``sum(w * x) / sum(w)``, estimates the mean of ``x`` over the
 traffic for any student and threshold (the student is rescored, never read from the log).
 
-Intervals come from a bootstrap over records; :class:`Bootstrap` draws the resamples once
-so that two students are compared on the same draws (a paired bootstrap).
+Intervals come from a bootstrap over requests (the records of one request are resampled
+together); :class:`Bootstrap` draws the resamples once so that two students are compared
+on the same draws (a paired bootstrap).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -49,43 +51,87 @@ def ratio(values: np.ndarray, weights: np.ndarray) -> float:
 
 
 class Bootstrap:
-    """Resamples of n records (with replacement), drawn once and reused for every figure."""
+    """Resamples of the records, drawn once and reused for every figure (a paired bootstrap).
+
+    The inputs of one request are logged together and are not independent (one long or odd
+    request escalates several at once), so a resample draws *requests* with replacement and
+    takes every record of each: ``groups`` gives each record's request (None: one record
+    each). Counts are kept per request and the draws are worked in chunks, so no float64
+    copy of the whole count matrix is ever made (50,000 records: 100 draws at a time).
+    """
+
+    CHUNK = 100
 
     def __init__(
-        self, weights: np.ndarray, sampled: np.ndarray, draws: int = 1000, seed: int = 0
+        self,
+        weights: np.ndarray,
+        sampled: np.ndarray,
+        draws: int = 1000,
+        seed: int = 0,
+        groups: np.ndarray | None = None,
     ) -> None:
         self.weights = np.asarray(weights, dtype=float)
         self.sampled = np.asarray(sampled, dtype=bool)
         n = len(self.weights)
         if n == 0:
             raise ValueError("no evaluation records")
+        if groups is None:
+            self.groups = np.arange(n)
+        else:
+            if len(groups) != n:
+                raise ValueError(f"{len(groups)} request groups for {n} records")
+            self.groups = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+        self.n_groups = int(self.groups.max()) + 1
         rng = np.random.default_rng(seed)
-        # draws x n resample counts as float32 (1000 draws of 25,000 records: 100 MB),
-        # drawn in chunks so the int64 draws never exist all at once
-        p = np.full(n, 1.0 / n)
+        # draws x requests resample counts as float32, drawn in chunks so the int64 draws
+        # never exist all at once
+        p = np.full(self.n_groups, 1.0 / self.n_groups)
         self.counts = np.concatenate(
             [
-                rng.multinomial(n, p, size=min(100, draws - start)).astype(np.float32)
-                for start in range(0, draws, 100)
+                rng.multinomial(self.n_groups, p, size=min(self.CHUNK, draws - start)).astype(
+                    np.float32
+                )
+                for start in range(0, draws, self.CHUNK)
             ]
         )
-        self._denominators = self.counts @ self.weights
+        self._denominators = self._sums(self.weights)
+
+    @property
+    def draws(self) -> int:
+        return len(self.counts)
+
+    def _sums(self, per_record: np.ndarray) -> np.ndarray:
+        """Per draw, the sum of ``per_record`` over the resample (one value per draw)."""
+        per_group = np.bincount(self.groups, weights=per_record, minlength=self.n_groups)
+        out = np.empty(self.draws)
+        for start in range(0, self.draws, self.CHUNK):
+            chunk = self.counts[start : start + self.CHUNK].astype(np.float64)
+            out[start : start + self.CHUNK] = chunk @ per_group
+        return out
+
+    def record_counts(self) -> Iterator[np.ndarray]:
+        """Each chunk of draws as a (draws in chunk, records) float64 matrix of how many times
+        every record is in the resample (a request's records share its count)."""
+        for start in range(0, self.draws, self.CHUNK):
+            chunk = self.counts[start : start + self.CHUNK].astype(np.float64)
+            yield chunk[:, self.groups]
 
     def _draws(self, values: np.ndarray) -> np.ndarray:
-        return (self.counts @ (self.weights * values)).astype(float) / self._denominators
+        return self._sums(self.weights * values) / self._denominators
 
     def estimate(self, values: np.ndarray, level: float) -> Estimate:
         """The weighted mean of ``values`` (one per record) with a percentile interval."""
         values = np.asarray(values, dtype=float)
-        return self._summarise(ratio(values, self.weights), self._draws(values), level)
+        return self.summarise(ratio(values, self.weights), self._draws(values), level)
 
     def difference(self, a: np.ndarray, b: np.ndarray, level: float) -> Estimate:
         """mean(a) - mean(b) on the same records and the same resamples (paired)."""
         a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
         value = ratio(a, self.weights) - ratio(b, self.weights)
-        return self._summarise(value, self._draws(a) - self._draws(b), level)
+        return self.summarise(value, self._draws(a) - self._draws(b), level)
 
-    def _summarise(self, value: float, draws: np.ndarray, level: float) -> Estimate:
+    def summarise(self, value: float, draws: np.ndarray, level: float) -> Estimate:
+        """A figure's value and the percentile interval of its resampled ``draws``."""
         tail = (1 - level) / 2 * 100
         low, high = np.percentile(draws, [tail, 100 - tail])
         return Estimate(

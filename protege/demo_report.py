@@ -22,6 +22,28 @@ def serving_live(row: dict[str, Any]) -> dict[str, Any] | None:
     return decision.get(side)
 
 
+def gate_figure(decision: dict[str, Any]) -> str:
+    """The gate's figure: the drop in escalation needed for the target agreement, current
+    minus candidate, with its one-sided bound and what it had to exceed."""
+    drop = decision.get("escalation_drop")
+    if not drop:
+        return "-"
+    needed = [decision[s]["escalation_needed"]["value"] for s in ("current", "candidate")]
+    text = (
+        f"escalation needed {needed[0]:.1%} -> {needed[1]:.1%}, drop {drop['value']:+.1%} "
+        f"(bound {drop['low']:+.1%} > {decision.get('required_drop', 0):.1%}?)"
+    )
+    gain = decision.get("student_agreement_gain")
+    if gain:
+        text += f"; student agreement gain {gain['value']:+.1%} (bound {gain['low']:+.1%} > 0?)"
+    return text
+
+
+def _drop(decision: dict[str, Any]) -> str:
+    drop = decision.get("escalation_drop")
+    return f"{drop['value']:+.1%} [{drop['low']:+.1%}]" if drop else "-"
+
+
 def print_round(row: dict[str, Any]) -> None:
     lat = row["latency_ms"]
     print(
@@ -39,6 +61,8 @@ def print_round(row: dict[str, Any]) -> None:
                 f"  live {side:9} {figures['version']}: escalation {_ci(figures['escalation_rate'])}, "
                 f"cascade agreement {_ci(figures['cascade_agreement'])}"
             )
+    if gate_figure(decision) != "-":
+        print(f"  gate: {gate_figure(decision)}")
     if row.get("calibration"):
         print(f"  thresholds calibrated on {row['calibration']['source']}")
     hold = row["holdout"]
@@ -60,13 +84,14 @@ def print_round(row: dict[str, Any]) -> None:
 def print_summary(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     head = (
         f"{'round':>5} | {'served esc.':>11} | {'live esc. [95% CI]':>24} | {'sampled':>7} | "
-        f"{'live agreement':>24} | {'holdout esc.':>12} | {'gold acc':>8} | result"
+        f"{'live agreement':>24} | {'holdout esc.':>12} | {'gold acc':>8} | "
+        f"{'needed drop [bound]':>22} | result"
     )
     print("\n" + head + "\n" + "-" * len(head))
     seed = summary["seed"]
     print(
         f"{0:>5} | {'':>11} | {'':>24} | {'':>7} | {'':>24} | {seed['escalation_rate']:>12.1%} | "
-        f"{seed['cascade_gold_accuracy']:>8.1%} | seed student"
+        f"{seed['cascade_gold_accuracy']:>8.1%} | {'':>22} | seed student"
     )
     for row in rows:
         live = serving_live(row) or {}
@@ -76,7 +101,8 @@ def print_summary(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
             f"{row['round']:>5} | {row['served_escalation_rate']:>11.1%} | "
             f"{_ci(live.get('escalation_rate')):>24} | {sampled!s:>7} | "
             f"{_ci(live.get('cascade_agreement')):>24} | {hold['escalation_rate']:>12.1%} | "
-            f"{hold['cascade_gold_accuracy']:>8.1%} | {row['result']}"
+            f"{hold['cascade_gold_accuracy']:>8.1%} | {_drop(row.get('decision') or {}):>22} | "
+            f"{row['result']}"
         )
     final = summary["final"]
     print(

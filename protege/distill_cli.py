@@ -23,6 +23,7 @@ def parse_duration(text: str) -> float:
 
 
 FIGURES = (
+    ("escalation_needed", "esc. needed"),
     ("escalation_rate", "escalation rate"),
     ("cascade_agreement", "cascade agreement"),
     ("student_agreement", "student agreement"),
@@ -41,12 +42,21 @@ def summary(report: dict[str, Any]) -> str:
         for key, name in FIGURES:
             if key in cur:
                 lines.append(f"{name:20}{_interval(cur[key]):>34}{_interval(cand[key]):>34}")
+        # escalation_drop is the gate's figure: the escalation each student needs for the
+        # target agreement (calibrated within each resample), current minus candidate
         drop = decision["escalation_drop"]
         lines.append(
-            f"escalation drop {drop['value']:+.1%}, one-sided lower bound {drop['low']:+.1%}; "
+            f"drop in escalation needed {drop['value']:+.1%}, one-sided lower bound "
+            f"{drop['low']:+.1%} (must exceed {decision.get('required_drop', 0):.1%}); "
             f"evidence: {drop['sampled']} sampled of {drop['records']} gate records; "
             f"thresholds calibrated on {report['calibration']['source']}"
         )
+        gain = decision.get("student_agreement_gain")
+        if gain:
+            lines.append(
+                f"the current student needs no escalation: student agreement gain "
+                f"{gain['value']:+.1%}, lower bound {gain['low']:+.1%} (must exceed 0)"
+            )
     if "window" in report:
         lines.append("window: " + ", ".join(f"{k}={v}" for k, v in report["window"].items()))
     return "\n".join(lines)
@@ -73,6 +83,7 @@ def _load(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from distill.job import run
     from distill.lock import LockedError
+    from distill.scorer_check import ScorerMismatch
     from serving.registry import RegistryError
 
     try:
@@ -82,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         report = run(config)
-    except (FileNotFoundError, LockedError, RegistryError) as exc:
+    except (FileNotFoundError, LockedError, RegistryError, ScorerMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)  # the run report records it too
         return 2
     print(summary(report))

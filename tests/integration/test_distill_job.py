@@ -110,7 +110,7 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
     assert report["result"] == "promoted", report["reason"]
     decision = report["decision"]
     drop = decision["escalation_drop"]
-    assert drop["low"] > 0.01 and drop["sampled"] >= 30  # above min_drop at the confidence
+    assert drop["low"] > decision["required_drop"] and drop["sampled"] >= 30
     assert report["offline_labelled"] > 0  # audited inputs were labelled by the job
     assert report["calibration"]["kind"] == "live_traffic"
     current = seeded_registry.current()

@@ -184,3 +184,47 @@ def test_nan_confidence_escalates_even_at_threshold_zero():
     probs = np.array([[np.nan, np.nan], [0.5, 0.5]])
     outcome = cascade_outcome(probs, np.array([0, 1]), SCORER, threshold=0.0)
     assert outcome.escalated.tolist() == [True, False]
+
+
+def test_resampling_requests_covers_where_resampling_records_does_not():
+    """Requests of 8 inputs share most of their difficulty (protege.gate_simulation's
+    population with within_request=0.8): records of one request are not independent. The
+    95 % interval of a student's agreement, resampling requests, covers the population's
+    truth in at least 90 % of seeds (measured: 93.5 % over 200 seeds; 87 % resampling
+    records)."""
+    from dataclasses import replace
+
+    from protege import gate_simulation as sim
+
+    population = replace(sim.Population(), request_size=8, within_request=0.8)
+    truth = population.draw(400_000, np.random.default_rng(1))["current_agrees"].mean()
+    covered = {"requests": 0, "records": 0}
+    seeds = 120
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        log = sim.log_traffic(population, sim.inputs_for(population, 500, 0.2), 0.2, rng)
+        for kind, groups in (("requests", log.data["groups"]), ("records", None)):
+            boot = Bootstrap(log.weights, log.sampled, draws=300, seed=seed, groups=groups)
+            estimate = boot.estimate(log.data["current_agrees"], LEVEL)
+            covered[kind] += estimate.low <= truth <= estimate.high
+    assert covered["requests"] / seeds >= 0.90
+    assert covered["records"] < covered["requests"]
+
+
+def test_chunked_draws_equal_the_whole_matrix_product(monkeypatch):
+    """Figures are worked 100 draws at a time (no float64 copy of all counts): the same
+    numbers as one product over the whole count matrix."""
+    rng = np.random.default_rng(4)
+    weights, values = rng.choice([1.0, 10.0], size=400), rng.random(400)
+    groups = np.arange(400) // 4
+    boot = Bootstrap(weights, weights > 1, draws=250, seed=2, groups=groups)
+    counts = boot.counts.astype(float)[:, boot.groups]
+    expected = (counts @ (weights * values)) / (counts @ weights)
+    assert np.allclose(boot._draws(values), expected)
+    assert boot.counts.shape == (250, 100)  # counts are kept per request
+    assert all(chunk.shape[0] <= Bootstrap.CHUNK for chunk in boot.record_counts())
+
+
+def test_groups_must_match_the_records():
+    with pytest.raises(ValueError, match="request groups"):
+        Bootstrap(np.ones(5), np.ones(5, bool), groups=np.arange(4))
