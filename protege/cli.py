@@ -23,6 +23,12 @@ from pathlib import Path
 from protege import distill_cli, optimize_cli, registry_cli
 
 DEFAULT_CACHE = Path(os.environ.get("PROTEGE_CACHE", "var/cache"))
+# the pages whose generated blocks these commands write (when run from a checkout)
+BENCH_DOCS, SPREAD_DOCS = "docs/benchmark.md", "docs/learning-loop.md"
+GATE_DOCS = "docs/gate.md"
+DOCS_HELP = (
+    "the docs page whose block {block} to write (default: {page} when it exists; '' for none)"
+)
 
 
 def _models_build(args: argparse.Namespace) -> int:
@@ -146,14 +152,58 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _demo_spread(args: argparse.Namespace) -> int:
     from protege.demo_report import spread
+    from protege.docs_block import replace_block
 
-    print(spread(args.runs))
+    try:
+        page = _docs_target(args.docs, SPREAD_DOCS, "demo-spread")
+    except ValueError as exc:
+        return _docs_error(exc)
+    table = spread(args.runs)
+    print(table)
+    if page is not None:
+        replace_block(page, "demo-spread", table)
+        print(f"written: the table into {page} (block demo-spread)")
     return 0
+
+
+def _gate_curve(args: argparse.Namespace) -> int:
+    from protege import gate_simulation
+    from serving import defaults
+
+    try:
+        page = _docs_target(args.docs, GATE_DOCS, "gate-curve")
+    except ValueError as exc:
+        return _docs_error(exc)
+    fraction = defaults.AUDIT_FRACTION if args.audit_fraction is None else args.audit_fraction
+    print(gate_simulation.main(fraction, args.seeds, args.out, page))
+    return 0
+
+
+def _docs_target(option: str | None, default: str, block: str) -> Path | None:
+    """The docs page a command writes ``block`` into (None: no page), checked: a page
+    without the block's markers is a ValueError naming them."""
+    from protege.docs_block import check_block, docs_page
+
+    page = docs_page(option, default)
+    if page is not None:
+        check_block(page, block)
+    return page
+
+
+def _docs_error(exc: ValueError) -> int:
+    print(f"error: {exc} (--docs '' writes no page)", file=sys.stderr)
+    return 2
 
 
 def _bench(args: argparse.Namespace) -> int:
     from protege.bench import run_bench
+    from protege.bench_report import markdown
+    from protege.docs_block import replace_block
 
+    try:  # checked before the run, which takes minutes
+        page = _docs_target(args.docs, BENCH_DOCS, "bench")
+    except ValueError as exc:
+        return _docs_error(exc)
     report = run_bench(
         args.cache,
         args.config,
@@ -164,6 +214,9 @@ def _bench(args: argparse.Namespace) -> int:
         args.registry,
     )
     print(json.dumps(report["summary"], indent=1))
+    if page is not None:
+        replace_block(page, "bench", markdown(report))
+        print(f"written: the table into {page} (block bench)")
     return 0
 
 
@@ -312,7 +365,19 @@ def parser() -> argparse.ArgumentParser:
         "demo-spread", help="several demo runs (--seed, --out) side by side, with their range"
     )
     spread.add_argument("runs", type=Path, nargs="+", help="the demos' --out folders")
+    spread.add_argument("--docs", help=DOCS_HELP.format(block="demo-spread", page=SPREAD_DOCS))
     spread.set_defaults(func=_demo_spread)
+
+    curve = sub.add_parser(
+        "gate-curve",
+        help="how often the promotion gate promotes, against the true gain, on simulated logs "
+        "(minutes)",
+    )
+    curve.add_argument("--audit-fraction", type=float, default=None, help="default: serving's")
+    curve.add_argument("--seeds", type=int, default=200, help="simulated runs per cell")
+    curve.add_argument("--out", type=Path, default=Path("bench-results/gate-curve.json"))
+    curve.add_argument("--docs", help=DOCS_HELP.format(block="gate-curve", page=GATE_DOCS))
+    curve.set_defaults(func=_gate_curve)
 
     bench = sub.add_parser(
         "bench",
@@ -332,6 +397,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=16)
     bench.add_argument("--ingress", choices=["proxy", "haproxy", "both"], default="both")
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
+    bench.add_argument("--docs", help=DOCS_HELP.format(block="bench", page=BENCH_DOCS))
     bench.set_defaults(func=_bench)
 
     loop = sub.add_parser(

@@ -118,7 +118,9 @@ def build_ticket_task(root: Path, audit_fraction: float = 0.5) -> Path:
     return task
 
 
-if __name__ == "__main__":  # the README's walk-through: `python tests/ticket_task.py var/tickets`
+if (
+    __name__ == "__main__"
+):  # the walk-through in docs/own-task.md: `python tests/ticket_task.py var/tickets`
     import sys
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "var/tickets")

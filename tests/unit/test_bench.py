@@ -49,3 +49,78 @@ def test_the_cascade_limit_pays_the_student_always_and_the_teacher_when_escalate
     assert limit_rate(limits, "student", 32, 0.5) == 300.0
     assert limit_rate(limits, "cascade", 1, 0.0) == 60.0
     assert limit_rate(limits, "cascade", 1, 0.2) == pytest.approx(1 / (1 / 60 + 0.2 / 12))
+
+
+def bench_report():
+    """A report with the fields `protege bench` writes, one in-process and one served row."""
+    return {
+        "student": {"version": "student-new", "seed": "student-seed", "learned": True},
+        "requests": 600,
+        "concurrency": 16,
+        "threads_per_replica": 1,
+        "rows": [
+            {
+                "scenario": "student on torch, in process, batch 1",
+                "inputs_per_request": 1,
+                "inputs_per_s": 90.3,
+                "accuracy": 0.868,
+            },
+            {
+                "scenario": "student-only (Serve, proxy)",
+                "inputs_per_request": 1,
+                "requests": 600,
+                "throughput_rps": 64.8,
+                "inputs_per_s": 64.8,
+                "p50_ms": 246.0,
+                "p99_ms": 349.8,
+                "accuracy": 0.868,
+                "escalation_rate": 0.0,
+                "mean_batch": {"protege/student": {"mean": 5.9, "batches": 100}},
+                "limit_inputs_per_s": 90.3,
+                "share_of_limit": 0.72,
+            },
+        ],
+        "summary": {
+            "Serve, proxy": {
+                "student_single_vs_in_process_batch_1": {
+                    "what": "student, 1 input/request, x its batch-1 rate",
+                    "value": 0.72,
+                    "target": 2.0,
+                    "met": False,
+                }
+            }
+        },
+    }
+
+
+PAGE = "# Benchmark\n\nProse.\n\n<!-- bench:begin -->\nthe last run's table\n<!-- bench:end -->\n\nMore prose.\n"
+
+
+def test_bench_writes_its_table_into_the_docs_page(tmp_path, monkeypatch, capsys):
+    from protege import bench, cli
+    from protege.bench_report import markdown
+
+    report = bench_report()
+    monkeypatch.setattr(bench, "run_bench", lambda *args: report)  # the run itself: minutes
+    page = tmp_path / "benchmark.md"
+    page.write_text(PAGE)
+    assert cli.main(["bench", "--docs", str(page), "--out", str(tmp_path / "out")]) == 0
+    table = markdown(report)
+    assert "| student-only (Serve, proxy) | 1 | 64.8 |" in table and "| **no** |" in table
+    assert page.read_text() == PAGE.replace("the last run's table", table.strip())
+    assert f"written: the table into {page} (block bench)" in capsys.readouterr().out
+
+
+def test_bench_checks_the_page_before_it_runs(tmp_path, monkeypatch, capsys):
+    from protege import bench, cli
+
+    ran = []
+    monkeypatch.setattr(bench, "run_bench", lambda *args: ran.append(args) or bench_report())
+    page = tmp_path / "benchmark.md"
+    page.write_text("# Benchmark without markers\n")
+    assert cli.main(["bench", "--docs", str(page)]) == 2
+    assert ran == [] and "add the lines <!-- bench:begin -->" in capsys.readouterr().err
+    assert page.read_text() == "# Benchmark without markers\n"
+    monkeypatch.chdir(tmp_path)  # no docs/benchmark.md here: the default writes no page
+    assert cli.main(["bench"]) == 0 and len(ran) == 1
+    assert cli.main(["bench", "--docs", ""]) == 0 and len(ran) == 2
