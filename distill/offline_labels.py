@@ -1,8 +1,10 @@
 """The teacher's answer for every record: as logged, or asked now, in batch.
 
 Audited inputs may be logged with the student's answer only, and an escalation whose
-teacher failed is logged with empty teacher fields; the job labels those here (it loads
-the teacher anyway). Answers are kept per teacher version and record id in the score
+teacher failed, timed out, was skipped, or whose request was cancelled while it waited
+(teacher status ``cancelled``) is logged with empty teacher fields; the job labels every
+record without this teacher's answer here, whatever its status (it loads the teacher
+anyway). Answers are kept per teacher version and record id in the score
 cache, so a record is asked once however many runs read it.
 """
 

@@ -96,6 +96,7 @@ def make_output(
 def make_record(
     *,
     request_id: str,
+    request_key: str,
     text: str,
     reason: Reason,
     inclusion_probability: float,
@@ -108,12 +109,14 @@ def make_record(
     teacher: dict[str, Any] | None,
     teacher_status: TeacherStatus = "answered",
 ) -> EscalationRecord:
-    """One log record; the server makes its id (a client's request id never is one).
-    ``teacher`` is the teacher's answer, or None when it failed, timed out or was not asked."""
+    """One log record; the server makes its id and ``request_key`` (one key per request,
+    shared by its records; a client's request id never is either). ``teacher`` is the
+    teacher's answer, or None when it failed, timed out, was not asked or was cancelled."""
     probs = None if teacher is None else [float(p) for p in teacher["probs"]]
     return EscalationRecord(
         record_id=uuid.uuid4().hex,
         request_id=request_id,
+        request_key=request_key,
         timestamp=time.time(),
         text=text,
         reason=reason,

@@ -11,6 +11,11 @@ and flushed to the kernel at once (it survives a crash of the process) and fsync
 short interval and on close (it survives a crash of the machine). A segment rotates when
 it would pass ``max_segment_bytes``. A torn or corrupt line (a crash mid-write) is
 skipped and counted on read, never fatal.
+
+Schema versions: 1 had no inclusion probability (it may train, never evaluate); 2 added it
+and ``teacher_status``; 3 adds ``request_key`` (the server's key for the request, shared by
+all its records: the bootstrap resamples requests, not inputs) and the teacher status
+``cancelled``. Readers read every version in :data:`READABLE_VERSIONS`.
 """
 
 from __future__ import annotations
@@ -29,13 +34,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 """Version 1 records carry no inclusion probability: they may train, never evaluate."""
 SEGMENT_GLOB = "escalations-*.jsonl"
 
 Reason = Literal["low_confidence", "audit", "forced"]
-TeacherStatus = Literal["answered", "failed", "timeout", "skipped"]
+TeacherStatus = Literal["answered", "failed", "timeout", "skipped", "cancelled"]
+"""Why the teacher fields are filled or empty: ``answered``; the call ``failed`` or hit its
+``timeout``; it was ``skipped`` (the bulkhead was full, or an offline audit); or the request
+was ``cancelled`` (the client went away, ``request_timeout_s``) while the input waited on it.
+Every status but ``answered`` is labelled offline by the distillation job."""
 
 
 class EscalationRecord(BaseModel):
@@ -46,6 +55,12 @@ class EscalationRecord(BaseModel):
     schema_version: int = SCHEMA_VERSION
     record_id: str = Field(description="Made by the server, unique per logged input")
     request_id: str = Field(description="The request's id (the client's x-request-id if sent)")
+    request_key: str | None = Field(
+        default=None,
+        description="Made by the server, one per request and shared by all its records "
+        "(escalations and audits): the unit the gate's bootstrap resamples. Never the "
+        "client's x-request-id, which a client may reuse (None only before version 3)",
+    )
     timestamp: float = Field(description="Unix seconds when the record was made")
     text: str
     reason: Reason
@@ -81,6 +96,12 @@ class EscalationRecord(BaseModel):
             )
         if self.schema_version >= 2 and self.inclusion_probability is None:
             raise ValueError("version 2 records need inclusion_probability")
+        if self.schema_version >= 3 and not self.request_key:
+            raise ValueError("version 3 records need request_key")
+        if self.schema_version < 3 and self.teacher_status == "cancelled":
+            raise ValueError(
+                f"teacher_status 'cancelled' in a version {self.schema_version} record"
+            )
         return self
 
     @property

@@ -31,6 +31,7 @@ def test_output_names_the_top_label_and_keeps_the_distribution():
 def record(**overrides):
     fields = dict(
         request_id="client-chosen-id",
+        request_key="server-made-key",
         text="t",
         reason="audit",
         inclusion_probability=0.02,
@@ -49,9 +50,9 @@ def test_record_carries_both_distributions_and_the_teachers_label():
     rec = record()
     assert rec.teacher_status == "answered" and rec.teacher_version == "t1"
     assert rec.teacher_probs == [0.1, 0.1, 0.8] and rec.teacher_label == "c"
-    assert rec.student_probs == [0.34, 0.33, 0.33] and rec.schema_version == 2
+    assert rec.student_probs == [0.34, 0.33, 0.33] and rec.schema_version == 3
     assert rec.inclusion_probability == 0.02 and rec.evaluable
-    assert rec.request_id == "client-chosen-id"
+    assert rec.request_id == "client-chosen-id" and rec.request_key == "server-made-key"
 
 
 def test_record_ids_are_made_by_the_server():
@@ -62,7 +63,7 @@ def test_record_ids_are_made_by_the_server():
     assert first.record_id != second.record_id
 
 
-@pytest.mark.parametrize("status", ["failed", "timeout", "skipped"])
+@pytest.mark.parametrize("status", ["failed", "timeout", "skipped", "cancelled"])
 def test_a_teacher_without_an_answer_leaves_the_teacher_fields_empty(status):
     rec = record(teacher=None, teacher_status=status, reason="low_confidence")
     assert rec.teacher_status == status

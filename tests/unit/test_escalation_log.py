@@ -1,17 +1,22 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from serving.escalation_log import (
+    READABLE_VERSIONS,
     SCHEMA_VERSION,
     EscalationLogWriter,
     EscalationRecord,
     ReadStats,
     iter_records,
+    iter_segment,
     list_segments,
 )
+
+GOLDEN = Path(__file__).parent / "golden"
 
 
 def record(
@@ -22,11 +27,12 @@ def record(
     timestamp: float | None = None,
     reason: str = "low_confidence",
 ) -> EscalationRecord:
-    """A version-2 record answered by the teacher; its id is ``rec<i>`` (the server makes
-    ids: they are not derived from the request id)."""
+    """A current-version record answered by the teacher; its id is ``rec<i>`` and its
+    request key ``key<i>`` (the server makes both: neither comes from the request id)."""
     return EscalationRecord(
         record_id=f"rec{i}",
         request_id=f"req{i}",
+        request_key=f"key{i}",
         timestamp=1_700_000_000.0 + i if timestamp is None else timestamp,
         text=text,
         reason=reason,
@@ -47,9 +53,16 @@ def version1_line(i: int, text: str = "an old headline") -> str:
     """A line as a version-1 writer wrote it: no inclusion probability, no teacher status,
     the record id made from the request id."""
     fields = json.loads(record(i, text).model_dump_json())
-    del fields["inclusion_probability"], fields["teacher_status"]
+    del fields["inclusion_probability"], fields["teacher_status"], fields["request_key"]
     fields |= {"schema_version": 1, "record_id": f"req{i}:0"}
     return json.dumps(fields) + "\n"
+
+
+def version2_line(i: int, text: str = "a headline") -> str:
+    """A line as a version-2 writer wrote it: no request key."""
+    fields = json.loads(record(i, text).model_dump_json())
+    del fields["request_key"]
+    return json.dumps(fields | {"schema_version": 2}) + "\n"
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -159,15 +172,50 @@ def test_read_from_an_offset_resumes_exactly_where_it_stopped(tmp_path):
     writer.close()
 
 
-def test_new_records_are_version_2_with_an_inclusion_probability():
+def test_new_records_are_version_3_with_an_inclusion_probability_and_a_request_key():
     audited = record(1, inclusion_probability=0.02, reason="audit")
-    assert audited.schema_version == SCHEMA_VERSION == 2
+    assert audited.schema_version == SCHEMA_VERSION == 3 and READABLE_VERSIONS == (1, 2, 3)
     assert audited.teacher_status == "answered" and audited.evaluable
+    assert audited.request_key == "key1"
     with pytest.raises(ValidationError, match="need inclusion_probability"):
         EscalationRecord.model_validate(record(2).model_dump() | {"inclusion_probability": None})
     for bad in (0.0, 1.5):
         with pytest.raises(ValidationError, match="inclusion_probability"):
             record(3, inclusion_probability=bad)
+    for missing in (None, ""):
+        with pytest.raises(ValidationError, match="need request_key"):
+            EscalationRecord.model_validate(record(4).model_dump() | {"request_key": missing})
+
+
+def test_cancelled_is_a_version_3_status_without_teacher_fields(tmp_path):
+    fields = record(1).model_dump()
+    fields |= {"teacher_version": None, "teacher_probs": None, "teacher_label": None}
+    cancelled = EscalationRecord.model_validate(fields | {"teacher_status": "cancelled"})
+    writer = EscalationLogWriter(tmp_path)
+    writer.append([cancelled])
+    writer.close()
+    assert list(iter_records(tmp_path)) == [cancelled] and cancelled.evaluable
+    with pytest.raises(ValidationError, match="'cancelled' in a version 2 record"):
+        EscalationRecord.model_validate(
+            fields | {"teacher_status": "cancelled", "schema_version": 2}
+        )
+    with pytest.raises(ValidationError, match="teacher_status 'cancelled' with a teacher"):
+        EscalationRecord.model_validate(record(2).model_dump() | {"teacher_status": "cancelled"})
+
+
+def test_the_golden_lines_of_every_version_are_still_read():
+    """Lines as each schema version's writer wrote them, kept in a file: a reader that
+    stops understanding an old version fails here, not on a shipped log."""
+    stats = ReadStats()
+    v1, v2, v3 = iter_segment(GOLDEN / "escalations-0000000000001-golden-1-000001.jsonl", stats)
+    assert stats.skipped_lines == 0
+    assert [r.schema_version for r in (v1, v2, v3)] == [1, 2, 3]
+    assert v1.inclusion_probability is None and v1.teacher_status == "answered"
+    assert v1.request_key is None and v2.request_key is None
+    assert v2.inclusion_probability == 0.02 and v2.teacher_status == "skipped"
+    assert v3.request_key == "9f1c2b7e4d3a4c5b8e6f7a8b9c0d1e2f" and v3.request_id == "client-1"
+    assert v3.teacher_status == "cancelled" and v3.teacher_probs is None
+    assert v3.inclusion_probability == 1.0 and v3.evaluable
 
 
 def test_version_1_lines_are_still_read_but_never_evaluate(tmp_path):
@@ -180,13 +228,24 @@ def test_version_1_lines_are_still_read_but_never_evaluate(tmp_path):
     assert old.inclusion_probability is None and not old.evaluable
     assert old.teacher_status == "answered"  # a version-1 record always had the teacher's
     assert old.teacher_probs == [0.1, 0.8, 0.1] and old.teacher_label == "b"
-    assert new.schema_version == 2 and new.evaluable
+    assert new.schema_version == 3 and new.evaluable
+
+
+def test_version_2_lines_are_still_read_without_a_request_key(tmp_path):
+    path = tmp_path / "escalations-0000000000001-old-1-000001.jsonl"
+    path.write_text(version2_line(1) + record(2).model_dump_json() + "\n")
+    stats = ReadStats()
+    old, new = iter_records(tmp_path, stats)
+    assert stats.skipped_lines == 0
+    assert old.schema_version == 2 and old.request_key is None and old.evaluable
+    assert new.schema_version == 3 and new.request_key == "key2"
 
 
 def test_skipped_teacher_record_round_trips_without_teacher_fields(tmp_path):
     skipped = EscalationRecord(
         record_id="0" * 32,
         request_id="client-id",
+        request_key="1" * 32,
         timestamp=1_700_000_000.0,
         text="audited while the teacher was not asked",
         reason="audit",

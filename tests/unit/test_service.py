@@ -201,15 +201,18 @@ def test_the_answer_says_whether_its_records_were_logged(ok):
     assert asyncio.run(svc.classify(["sure 1"], "r", Routing())).logged is None
 
 
-def test_readiness_probes_a_failing_teacher_and_recovers_when_it_answers():
+def test_a_failing_teacher_is_read_without_a_call_and_cleared_by_an_answer():
     async def scenario():
         teacher = Teacher("fail")
         svc, _, _ = service(teacher)
-        assert await svc.teacher_failing_for() is None
+        assert svc.teacher_failing_for() is None
         await svc.classify(["unsure 1"], "r", Routing())
-        assert await svc.teacher_failing_for() is not None  # probed, still failing
-        teacher.mode = "answer"
-        assert await svc.teacher_failing_for() is None
+        calls = len(teacher.calls)
+        assert svc.teacher_failing_for() is not None
+        assert len(teacher.calls) == calls  # reading it asks the teacher nothing
+        teacher.mode = "answer"  # (serving.teacher_probe asks it again, on a timer)
+        await svc.ask_teacher(["probe"])
+        assert svc.teacher_failing_for() is None
 
     asyncio.run(scenario())
 
