@@ -12,13 +12,15 @@
 
 The watermark is, per segment file, the byte offset up to which records were consumed.
 Segments are append-only and each has one writer, so "everything after the offset" is
-exactly the new records, and a torn last line is never half-read.
+exactly the new records, and a torn last line is never half-read. It moves only by
+compare-and-set from the value the run read, so it never moves backwards.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ class Window:
     new: list[EscalationRecord]
     replay: list[EscalationRecord]
     watermark: dict[str, int]  # after consuming ``new``
+    read: dict[str, int] = field(default_factory=dict)  # before: the compare-and-set base
     evaluation: dict[Role, list[EscalationRecord]] = field(
         default_factory=lambda: {"calibration": [], "gate": []}
     )
@@ -60,8 +63,31 @@ def read_watermark(store: Store) -> dict[str, int]:
     return dict(json.loads(data)) if data else {}
 
 
-def write_watermark(store: Store, watermark: dict[str, int]) -> None:
-    store.write(WATERMARK_NAME, json.dumps(watermark, indent=1, sort_keys=True).encode())
+def write_watermark(
+    store: Store, watermark: dict[str, int], read: dict[str, int], attempts: int = 3
+) -> bool:
+    """Move the watermark to ``watermark`` by compare-and-set: only if the store still holds
+    ``read``, the value this run started from. False (nothing written) when it moved
+    meanwhile: another run consumed records, and a stale write would move the watermark
+    backwards and train those records twice. Finding ``watermark`` already there is this
+    run's own write, whose answer was lost (a store error is tried ``attempts`` times)."""
+    encoded = json.dumps(watermark, indent=1, sort_keys=True).encode()
+    moved = False
+
+    def change(data: bytes | None) -> bytes | None:
+        nonlocal moved
+        stored = dict(json.loads(data)) if data else {}
+        moved = stored not in (read, watermark)
+        return None if moved or stored == watermark else encoded
+
+    for attempt in range(attempts - 1):
+        try:
+            store.update(WATERMARK_NAME, change)
+            return not moved
+        except OSError:
+            time.sleep(0.5 * 2**attempt)
+    store.update(WATERMARK_NAME, change)  # the last try's error is the caller's
+    return not moved
 
 
 def read_window(
@@ -75,7 +101,7 @@ def read_window(
 ) -> Window:
     """New training records after ``watermark``, a seeded replay sample of earlier ones,
     and the pooled evaluation records."""
-    window = Window(new=[], replay=[], watermark=dict(watermark))
+    window = Window(new=[], replay=[], watermark=dict(watermark), read=dict(watermark))
     seen: set[str] = set()
     earlier: list[EscalationRecord] = []
     for segment in list_segments(log_dir):

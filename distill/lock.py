@@ -7,8 +7,14 @@ store). Taking, renewing and releasing it are compare-and-set updates of that ob
 object store), so two runs started at once on different machines cannot both take it. A
 lease is taken over only a full TTL after its expiry (its holder stopped renewing: crashed
 or cut off; the grace covers clocks that disagree by up to a TTL), or at once when its
-holder is a dead process on this same host. A run whose lease was lost is told so before it
-publishes anything.
+holder is a dead process on this same host.
+
+Renewal (every quarter of the TTL) never gives up on a store error: it tries again every
+tenth of the TTL, so an outage of up to 1.65 TTL (expiry and grace, less a renewal interval
+and a retry; less any clock skew) leaves the lease with its run. The lease is lost only
+when another run took it over (or took it and released it); a lease taken over never
+returns to its old owner, so ``renew()`` answers from the store exactly, and the run asks
+it just before it publishes and just before it promotes.
 """
 
 from __future__ import annotations
@@ -113,7 +119,14 @@ class Lease:
         self._renewer.start()
 
     def renew(self) -> bool:
-        """Extend the lease if it is still ours; False (and ``lost`` set) if it is not."""
+        """Whether this run still holds the lease, answered by the store: True when the
+        record still names this run and was just extended (compare-and-set, so nobody took
+        it in between); False, for good, once another run holds it or it was released (a
+        lease taken over never comes back, so ``lost`` is set and stays set). A store that
+        cannot be reached raises its error: the caller cannot know, so it must not publish.
+        """
+        if self.lost.is_set():
+            return False
 
         def extend(data: bytes | None) -> bytes:
             holder = _parse(data)
@@ -129,19 +142,34 @@ class Lease:
         return True
 
     def _renew_loop(self) -> None:
-        """Renew every third of the TTL. A store that fails is tried again next time; once
-        the lease has run out unrenewed, it counts as lost (another run may take it)."""
-        renewed_at = time.time()
-        while not self._stop.wait(self.ttl_s / 3):
+        """Renew every quarter of the TTL until released or taken over. A store error never
+        ends it: it tries again every tenth of the TTL for as long as the run lives (the
+        store decides, once it answers, whether the lease is still this run's)."""
+        every, retry = self.ttl_s / 4, self.ttl_s / 10
+        wait, renewed_at, warned_at = every, time.monotonic(), 0.0
+        while not self._stop.wait(wait):
             try:
                 if not self.renew():
+                    logger.error(
+                        "lease %s was taken over by another run: this run publishes and "
+                        "promotes nothing",
+                        self.where,
+                    )
                     return
-                renewed_at = time.time()
-            except Exception as exc:
-                logger.warning("lease %s not renewed, trying again: %s", self.where, exc)
-                if time.time() > renewed_at + self.ttl_s:
-                    self.lost.set()
-                    return
+                wait, renewed_at = every, time.monotonic()
+            except Exception as exc:  # any store error (botocore's are not all OSError)
+                wait = retry
+                unrenewed = time.monotonic() - renewed_at
+                if time.monotonic() - warned_at >= self.ttl_s:  # once a TTL, not every try
+                    warned_at = time.monotonic()
+                    past = " (past its expiry: another run may take it over)"
+                    logger.warning(
+                        "lease %s not renewed for %.0f s%s, trying again: %s",
+                        self.where,
+                        unrenewed,
+                        past if unrenewed > self.ttl_s else "",
+                        exc,
+                    )
 
     def release(self) -> None:
         self._stop.set()

@@ -151,7 +151,7 @@ def optimize_student(
                 update={"calibration": calibration, "eval": figures, "created_at": time.time()}
             ),
         )
-        if not registry.exists(candidate_version):
+        if not registry.exists(candidate_version):  # or unfinished: a retry finishes it
             registry.publish(staged)
         try:
             registry.promote(candidate_version, expected=version)

@@ -9,11 +9,13 @@ The root is a local folder or an object-store URI (``s3://bucket/prefix``; see
 ``serving.storage``). A version is never changed or reused once published. Locally it is
 published by renaming a complete staging folder into ``versions/``; on an object store its
 files are uploaded first and ``_complete.json`` last, and only a version with that marker
-exists. A replica downloads a remote version to a local cache and checks every file
-(weights, config, tokenizer, manifest) against the marker's hashes before it loads any of
-it. The pointer moves by compare-and-set, so a crash leaves the old or the new pointer and
-a move based on a stale read fails instead of undoing another. Serving reads the registry;
-only the distillation job and the CLI write it.
+exists (a publish retried after one that died before the marker finishes it). A replica
+downloads a remote version to a local cache and checks every file (weights, config,
+tokenizer, manifest) against the marker's hashes before it loads any of it. The pointer
+moves by compare-and-set, so a crash leaves the old or the new pointer and a move based on
+a stale read fails instead of undoing another; each move carries an id, so a move whose
+answer was lost is known by re-reading the pointer. Serving reads the registry; only the
+distillation job and the CLI write it.
 """
 
 from __future__ import annotations
@@ -219,6 +221,8 @@ class Registry:
         version = check_version(manifest.version)
         if self.exists(version):
             raise RegistryError(f"version {version} already exists; versions are immutable")
+        if self.local is None:
+            self._resume(staged, manifest)
         hashes = file_hashes(staged)
         marker = json.dumps({"version": version, "files": hashes, "digest": content_digest(hashes)})
         if self.local is not None:
@@ -231,6 +235,19 @@ class Registry:
         self._create(f"versions/{version}/{COMPLETE_NAME}", marker.encode())  # last
         shutil.rmtree(staged, ignore_errors=True)
         return version
+
+    def _resume(self, staged: Path, manifest: ModelManifest) -> None:
+        """A version without its marker is unfinished: a publish died after some of its
+        files (the manifest among them). A retry with the same content finishes it, even
+        where its manifest was made afresh (``created_at`` is when it was staged): the
+        stored manifest is kept when it differs from the staged one in nothing else.
+        Other content still clashes (``_create`` refuses it)."""
+        stored = self.store.read(f"versions/{manifest.version}/{MANIFEST_NAME}")
+        if stored is None:
+            return
+        first = ModelManifest.model_validate_json(stored)
+        if first.model_copy(update={"created_at": manifest.created_at}) == manifest:
+            (Path(staged) / MANIFEST_NAME).write_bytes(stored)
 
     def _create(self, key: str, data: bytes) -> None:
         """Create ``key`` once; finding exactly ``data`` there is our own earlier attempt
@@ -293,9 +310,29 @@ class Registry:
                 return None  # our own write landed: done
             return json.dumps({**change(state), "move": move_id}, indent=1).encode()
 
-        result = self.store.update(POINTER_KEY, apply)
+        try:
+            result = self.store.update(POINTER_KEY, apply)
+        except OSError:
+            landed = self._landed(move_id)
+            if landed is not None:
+                return landed
+            raise
         assert result is not None
         return dict(json.loads(result))
+
+    def _landed(self, move_id: str, attempts: int = 3) -> dict[str, Any] | None:
+        """The pointer, if the move ``move_id`` is what it holds: a conditional write can
+        land with its answer lost (a timeout, a dropped connection). None if another state
+        is there; a store that still fails after ``attempts`` reads raises."""
+        for attempt in range(attempts):
+            try:
+                state = self._read_pointer()
+                break
+            except OSError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(2**attempt)
+        return state if state and state.get("move") == move_id else None
 
     def import_folder(self, folder: Path) -> str:
         """Copy an existing model folder in (e.g. the seed student); returns its version."""

@@ -38,7 +38,7 @@ def test_training_records_are_consumed_once_via_the_watermark(tmp_path):
     writer.append([record(i, TRAIN[i]) for i in range(5)])
     first = window(log)
     assert ids(first.new) == [f"rec{i}" for i in range(5)]
-    write_watermark(LocalStore(tmp_path / "reg"), first.watermark)
+    assert write_watermark(LocalStore(tmp_path / "reg"), first.watermark, first.read)
     writer.append([record(i, TRAIN[i]) for i in range(5, 8)])
     second = window(log, read_watermark(LocalStore(tmp_path / "reg")))
     assert ids(second.new) == ["rec5", "rec6", "rec7"]

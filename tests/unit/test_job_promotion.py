@@ -1,11 +1,16 @@
-"""The distillation job promotes with compare-and-set: a rollback during a run stands."""
+"""The distillation job promotes with compare-and-set: a rollback during a run stands, a
+promotion whose answer was lost is still a promotion, and the watermark moves only from the
+value the run read."""
 
 from types import SimpleNamespace
 
 import pytest
 
+from distill.dataset import Window, read_watermark, write_watermark
 from distill.job import decision_result
-from serving.registry import Registry
+from distill.lock import run_lock
+from serving.registry import POINTER_KEY, Registry
+from serving.storage import StorageError
 from tests.unit.test_registry import staged_version
 
 
@@ -44,6 +49,51 @@ def test_a_rejected_candidate_never_touches_the_pointer(tmp_path):
     refused = SimpleNamespace(promote=False, reason="no drop")
     assert decision_result(registry, refused, "candidate", "seed") == ("rejected", "no drop")
     assert registry.current() == "seed"
+
+
+@pytest.fixture(params=["folder", "s3"])
+def root(request, tmp_path) -> str:
+    """A registry root: a folder, or a prefix on the session's real S3 server (moto)."""
+    if request.param == "folder":
+        return str(tmp_path / "reg")
+    return str(request.getfixturevalue("s3_uri"))
+
+
+def test_a_promotion_whose_answer_was_lost_is_a_promotion_and_consumes_its_window(
+    root, tmp_path, monkeypatch
+):
+    registry = Registry(root, cache_dir=tmp_path / "cache")
+    for v in ("seed", "candidate"):
+        registry.publish(staged_version(tmp_path, v))
+    registry.promote("seed")
+    real_update, lost = registry.store.update, []
+
+    def lands_then_times_out(key, change):  # the conditional write lands; its answer is lost
+        result = real_update(key, change)
+        if key == POINTER_KEY and not lost:
+            lost.append(key)
+            raise StorageError(f"object store {registry.uri} did not answer within 30.0 s")
+        return result
+
+    monkeypatch.setattr(registry.store, "update", lands_then_times_out)
+    window = Window(new=[], replay=[], watermark={"segment-1": 80}, read={})
+    accepted = SimpleNamespace(promote=True, reason="better")
+    with run_lock(registry.store) as lease:
+        result = decision_result(registry, accepted, "candidate", "seed", lease, window)
+    assert lost and result == ("promoted", "better")
+    assert registry.current() == "candidate" and registry.history() == ["seed"]
+    assert read_watermark(registry.store) == {"segment-1": 80}
+
+
+def test_a_watermark_moved_by_another_run_is_left_as_it_is(tmp_path):
+    registry = registry_with(tmp_path, "seed", "candidate")
+    registry.promote("seed")
+    write_watermark(registry.store, {"segment-1": 150}, read={})  # another run consumed
+    window = Window(new=[], replay=[], watermark={"segment-1": 120}, read={})  # read before
+    refused = SimpleNamespace(promote=False, reason="no drop")
+    result, reason = decision_result(registry, refused, "candidate", "seed", window=window)
+    assert result == "rejected" and "the watermark moved since this run read it" in reason
+    assert read_watermark(registry.store) == {"segment-1": 150}
 
 
 def test_a_registry_store_that_cannot_be_reached_is_an_error_naming_it(tmp_path):

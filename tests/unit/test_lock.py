@@ -3,13 +3,18 @@
 import json
 import multiprocessing
 import os
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from polling import wait_for
+from test_registry import staged_version
 
-from distill.lock import Lease, LockedError, run_lock
-from serving.storage import LocalStore
+from distill.dataset import Window, read_watermark, write_watermark
+from distill.lock import LEASE_KEY, Lease, LockedError, run_lock
+from serving.registry import Registry
+from serving.storage import LocalStore, StorageError, Store, open_store
 
 
 def test_second_run_is_refused_while_the_first_holds_the_lease(tmp_path):
@@ -103,28 +108,99 @@ def test_two_runs_started_at_once_on_different_machines_exactly_one_runs(tmp_pat
     assert outcomes.count("refused") == 3 and len(set(outcomes) - {"refused"}) == 1
 
 
-class FailingStore(LocalStore):
-    """A store that stops answering after the lease is taken (errors of any type)."""
+TTL = 2.0
 
-    failing = False
+
+@pytest.fixture(params=["folder", "s3"])
+def store(request, tmp_path) -> Store:
+    """The registry's store: a folder, or a prefix on the session's real S3 server (moto)."""
+    if request.param == "folder":
+        return LocalStore(tmp_path / "reg")
+    return open_store(request.getfixturevalue("s3_uri"))
+
+
+class Partition(Store):
+    """One run's way to ``store``, cut while ``down`` is set (every call raises, as in a
+    network partition); other runs reach the store itself."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.uri, self.down = store, store.uri, threading.Event()
+
+    def _reach(self) -> Store:
+        if self.down.is_set():
+            raise StorageError(f"object store {self.uri} did not answer within 30 s")
+        return self.store
+
+    def read(self, key):
+        return self._reach().read(key)
+
+    def write(self, key, data):
+        self._reach().write(key, data)
 
     def update(self, key, change):
-        if self.failing:
-            raise RuntimeError("EndpointConnectionError: could not connect")  # not an OSError
-        return super().update(key, change)
+        return self._reach().update(key, change)
 
 
-def test_a_store_that_fails_while_renewing_ends_in_a_lost_lease_not_a_dead_thread(tmp_path):
-    store = FailingStore(tmp_path)
-    lease = Lease(store, ttl_s=0.3, host="node-a")
-    lease.acquire()
-    store.failing = True
-    wait_for(lease.lost.is_set, timeout_s=10)  # once the lease ran out unrenewed
-    lease.release()  # the store still fails: logged, never raised (the lease runs out anyway)
-    store.failing = False
-    lease2 = Lease(store, ttl_s=0.3, host="node-b")
-    wait_for(lambda: _try(lease2), timeout_s=10)  # taken over after expiry and grace
-    lease2.release()
+def _holder(store: Store) -> dict:
+    return json.loads(store.read(LEASE_KEY) or b"{}")
+
+
+def _cut_after_a_renewal(partition: Partition) -> float:
+    """Start the outage just after the lease was renewed; returns when it started."""
+    renewed = _holder(partition.store)["expires_at"]
+    wait_for(lambda: _holder(partition.store)["expires_at"] > renewed, timeout_s=10, every_s=0.02)
+    partition.down.set()
+    return time.monotonic()
+
+
+def test_an_outage_of_one_and_a_half_ttl_leaves_the_lease_with_its_run(store):
+    cut = Partition(store)
+    first = Lease(cut, ttl_s=TTL, host="node-a")
+    first.acquire()
+    began = _cut_after_a_renewal(cut)
+    other = Lease(store, ttl_s=TTL, host="node-b")
+    while time.monotonic() < began + 1.5 * TTL:  # another run tries all along the outage
+        assert not _try(other)
+        time.sleep(0.1)
+    cut.down.clear()
+    expires = _holder(store)["expires_at"]
+    wait_for(lambda: _holder(store)["expires_at"] > expires, timeout_s=10)  # renewing again
+    assert not _try(other)
+    assert first.renew() and not first.lost.is_set()
+    assert _holder(store)["owner"] == first.owner
+    first.release()
+
+
+def test_an_outage_of_three_ttl_loses_the_lease_and_the_watermark_never_moves_back(store, tmp_path):
+    from distill.job import decision_result
+
+    registry = Registry(store.uri, cache_dir=tmp_path / "cache")
+    for v in ("seed", "candidate"):
+        registry.publish(staged_version(tmp_path, v))
+    registry.promote("seed")
+    assert write_watermark(store, {"segment-1": 100}, read={})
+    cut = Partition(store)
+    first = Lease(cut, ttl_s=TTL, host="node-a")
+    first.acquire()
+    read = read_watermark(store)  # the first run's window: 100 up to 120
+    window = Window(new=[], replay=[], watermark={"segment-1": 120}, read=read)
+    began = _cut_after_a_renewal(cut)
+    second = Lease(store, ttl_s=TTL, host="node-b")
+    wait_for(lambda: _try(second), timeout_s=10)  # taken over once expiry and grace passed
+    assert write_watermark(store, {"segment-1": 150}, read_watermark(store))  # it consumes
+    time.sleep(max(0.0, began + 3 * TTL - time.monotonic()))  # the outage lasts 3 TTL
+    cut.down.clear()
+    wait_for(first.lost.is_set, timeout_s=10)  # renewal kept trying, and found the new owner
+    assert first.renew() is False  # what the run asks just before it publishes
+    accepted = SimpleNamespace(promote=True, reason="better")
+    result, _ = decision_result(registry, accepted, "candidate", "seed", first, window)
+    assert result == "lease-lost" and registry.current() == "seed"
+    assert read_watermark(store) == {"segment-1": 150}  # not moved back to 120
+    assert not write_watermark(store, window.watermark, window.read)  # a stale base: refused
+    assert read_watermark(store) == {"segment-1": 150}
+    first.release()  # never frees the other run's lease
+    assert _holder(store)["owner"] == second.owner
+    second.release()
 
 
 def _try(lease: Lease) -> bool:

@@ -151,3 +151,51 @@ def test_the_cli_promotes_and_rolls_back_only_when_told_what_it_expects(tmp_path
     assert main(["registry", "--registry", root, "promote", "v2", "--expected", "v1"]) == 0
     assert main(["registry", "--registry", root, "rollback", "--expected", "v2"]) == 0
     assert registry.current() == "v1"
+
+
+def test_a_publish_that_died_before_its_marker_is_finished_by_a_retry(root, tmp_path, monkeypatch):
+    """As ``protege optimize`` retries: the same files, staged afresh with a later
+    ``created_at``, after a publish that died once its files (manifest too) were written."""
+    from pathlib import Path
+
+    from serving.registry import COMPLETE_NAME, file_hashes
+
+    registry = Registry(root, cache_dir=tmp_path / "cache")
+    first = staged_version(tmp_path / "first", "v1-onnx")
+    (first / "tokenizer.json").write_text('{"vocab": 1}')
+    killed: list[str] = []
+    real_write_text, real_create = Path.write_text, registry.store.create
+
+    def write_text(path, *args, **kwargs):  # a folder registry writes the marker so
+        if path.name == COMPLETE_NAME and not killed:
+            killed.append(str(path))
+            raise OSError("killed before the marker")
+        return real_write_text(path, *args, **kwargs)
+
+    def create(key, data):  # an object store creates it so
+        if key.endswith(COMPLETE_NAME) and not killed:
+            killed.append(key)
+            raise OSError("killed before the marker")
+        return real_create(key, data)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(registry.store, "create", create)
+    with pytest.raises(OSError, match="killed before the marker"):
+        registry.publish(first)
+    assert killed and not registry.exists("v1-onnx") and registry.versions() == []
+    began = ModelManifest.model_validate_json((first / "protege.json").read_text()).created_at
+    second = staged_version(tmp_path / "second", "v1-onnx")
+    (second / "tokenizer.json").write_text('{"vocab": 1}')
+    write_manifest(
+        second,
+        ModelManifest(version="v1-onnx", role="student", created_at=began + 5, labels=["a"]),
+    )
+    registry.publish(second)  # the retry finishes it
+    assert [m.version for m in registry.versions()] == ["v1-onnx"]
+    folder = registry.path("v1-onnx")  # loads (an object store's download checks every hash)
+    marker = json.loads((folder / COMPLETE_NAME).read_text())
+    assert file_hashes(folder) == marker["files"]
+    assert sorted(marker["files"]) == ["model.safetensors", "protege.json", "tokenizer.json"]
+    assert (folder / "model.safetensors").read_bytes() == b"v1-onnx"
+    # an object store keeps the manifest the first attempt wrote; a folder saw none of it
+    assert registry.manifest("v1-onnx").created_at == (began + 5 if registry.local else began)
