@@ -107,6 +107,14 @@ class ModelManifest(BaseModel):
     )
     default_target: DefaultTarget | None = None
     calibration: Calibration | None = None
+    recalibrated_from: str | None = Field(
+        default=None,
+        description="The version whose weights this one serves with a new calibration, "
+        "published because the served agreement had drifted from the target",
+    )
+    recalibration: dict[str, Any] | None = Field(
+        default=None, description="The evidence of that drift: the interval that left the target"
+    )
     eval: dict[str, float] = Field(default_factory=dict)
     training: dict[str, Any] = Field(
         default_factory=dict, description="Data window, record counts, loss and train settings"
