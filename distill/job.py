@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distill import gate, metrics
+from distill import gate, metrics, recalibrate
 from distill.config import DistillConfig
 from distill.dataset import Window, read_watermark, read_window, write_watermark
 from distill.eval_sets import cached_probs
@@ -26,6 +26,7 @@ from distill.finetune import TrainSettings, fine_tune
 from distill.judge import Judge
 from distill.lock import Lease, run_lock
 from distill.offline_labels import OfflineLabels
+from distill.scorer_check import check_scorer
 from distill.splits import check_share, normalise
 from distill.tables import read_labelled
 from serving import meanpool
@@ -101,6 +102,7 @@ def _run_locked(
         seed=config.train.seed + len(watermark),
         max_eval=config.eval.max_records,
     )
+    check_scorer(window.evaluation, config.scorer)  # one scorer, or the run stops here
     if len(window.new) < config.min_records:
         return {
             "result": "nothing-to-do",
@@ -121,14 +123,20 @@ def _run_locked(
     teacher = Classifier(config.teacher, device=config.device, max_tokens=config.train.max_tokens)
     labeller = OfflineLabels(teacher, config.scores_dir)
     texts, soft, labels = _training_set(config, window, labeller)
+    audits = metrics.offline_audit_agreement(window.new, labeller)  # pushed for operations
     staged, losses, nodes = _train_candidate(config, registry, current, texts, soft, labels, run_id)
     try:
         if not lease.renew():
             return _lease_lost(current)
         report = _judge_and_publish(
-            config, registry, current, labeller, staged, window, losses, len(texts), lease
+            config, registry, current, labeller, staged, window, losses, texts, lease
         )
-        return {**report, "train_workers": config.train.workers, "train_nodes": nodes}
+        return {
+            **report,
+            "train_workers": config.train.workers,
+            "train_nodes": nodes,
+            "audit_agreement": audits,
+        }
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -247,9 +255,10 @@ def _judge_and_publish(
     staged: Path,
     window: Window,
     losses: list[float],
-    examples: int,
+    trained_texts: list[str],
     lease: Lease,
 ) -> dict[str, Any]:
+    examples = len(trained_texts)
     suffix = "" if config.runtime == "torch" else f"-{config.runtime}"
     candidate = f"student-{weights_digest(staged)}{suffix}"
     training = {
@@ -272,17 +281,11 @@ def _judge_and_publish(
         training=training,
     )
     write_manifest(staged, manifest)
-    judge = Judge(config, labeller, window)
-    current_judged, _ = judge(registry.path(current))
+    judge = Judge(config, labeller, window, {normalise(t) for t in trained_texts})
+    current_judged, current_calibration = judge(registry.path(current))
     candidate_judged, calibration = judge(staged)
     decision = gate.decide(
-        current_judged,
-        candidate_judged,
-        judge.gate_set,
-        judge.gold_labels,
-        judge.teacher_on_gold,
-        config.scorer,
-        config.gate,
+        current_judged, candidate_judged, judge.gate_set, config.gate, judge.teacher_gold_correct
     )
     figures = decision.as_dict()
     if decision.candidate is None:  # too few usable sampled records: nothing consumed
@@ -307,11 +310,17 @@ def _judge_and_publish(
             ),
         )
         registry.publish(staged)
-    result, reason = decision_result(registry, decision, candidate, current)
-    write_watermark(registry.store, window.watermark)  # consumed, promoted or not
+    result, reason = decision_result(registry, decision, candidate, current, lease, window)
+    followed: dict[str, Any] = {}
+    if result == "rejected" and judge.live:  # thresholds follow the traffic
+        followed = _follow_traffic(config, registry, current, judge, current_calibration, lease)
+        if followed.get("result") in ("recalibrated", "superseded"):
+            result = followed["result"]
+            reason += f"; {followed['reason']}"
     return {
         "result": result,
         "reason": reason,
+        **({"recalibration": followed} if followed else {}),
         "current": current,
         "candidate": candidate,
         "window": window.describe(),
@@ -323,23 +332,83 @@ def _judge_and_publish(
             "kind": calibration.kind,
             "source": calibration.source,
             "inputs": len(calibration.agrees_with_teacher),
+            "trained_texts_dropped": judge.traffic_dropped,
         },
         "offline_labelled": labeller.asked,
     }
 
 
+def _follow_traffic(
+    config: DistillConfig,
+    registry: Registry,
+    current: str,
+    judge: Judge,
+    calibration: Any,
+    lease: Lease,
+) -> dict[str, Any]:
+    """When the current version's served agreement on the calibration split has drifted
+    from the target (95 % interval), publish its weights recalibrated on that split."""
+    drift = recalibrate.served_agreement(
+        judge.cal_records,
+        judge.cal_teacher,
+        current,
+        config.gate.target_agreement,
+        config.gate.bootstrap_draws,
+        config.gate.seed,
+    )
+    if drift is None:
+        return {}
+    evidence = {
+        **drift.as_dict(),
+        "reason": f"served agreement {drift.served} against the target "
+        f"{drift.target:.1%} on the calibration split's records that {current} served",
+    }
+    if not drift.drifted:
+        return {"result": "kept", **evidence}
+    if not lease.renew():
+        return {"result": "lease-lost", **evidence}
+    result, version = recalibrate.publish_recalibrated(registry, current, calibration, drift)
+    return {
+        **evidence,
+        "result": result,
+        "version": version,
+        "reason": f"{evidence['reason']}: published {version}, recalibrated on "
+        f"{calibration.source}" + ("" if result == "recalibrated" else ", not promoted"),
+    }
+
+
 def decision_result(
-    registry: Registry, decision: Any, candidate: str, current: str
+    registry: Registry,
+    decision: Any,
+    candidate: str,
+    current: str,
+    lease: Lease | None = None,
+    window: Window | None = None,
 ) -> tuple[str, str]:
-    """Promote a candidate the gate accepted, only if the pointer still names the version
-    the run started from: a rollback during the run is never undone by it."""
+    """Promote a candidate the gate accepted, only while this run still holds the lease
+    (asked just before) and only if the pointer still names the version the run started
+    from: a rollback during the run is never undone by it. A promotion whose answer was
+    lost is a promotion (the registry re-reads the pointer's move id). Then ``window`` is
+    consumed, promoted or not, by compare-and-set on the watermark this run read."""
     if not decision.promote:
-        return "rejected", decision.reason
-    try:
-        registry.promote(candidate, expected=current)
-    except PointerMoved as exc:
-        return "superseded", f"{decision.reason}; but {exc}"
-    return "promoted", decision.reason
+        result, reason = "rejected", decision.reason
+    elif lease is not None and not lease.renew():  # nothing promoted, nothing consumed
+        return "lease-lost", (
+            f"this run's lease was taken over by another run before it promoted: {candidate} "
+            "is published, not promoted; its records are left to that run"
+        )
+    else:
+        try:
+            registry.promote(candidate, expected=current)
+            result, reason = "promoted", decision.reason
+        except PointerMoved as exc:
+            result, reason = "superseded", f"{decision.reason}; but {exc}"
+    if window is not None and not write_watermark(registry.store, window.watermark, window.read):
+        reason += (
+            "; the watermark moved since this run read it (another run consumed records "
+            "meanwhile): left as it is"
+        )
+    return result, reason
 
 
 def _flat(figures: Any) -> dict[str, Any]:

@@ -4,6 +4,11 @@ The job is not a Serve replica, so it uses prometheus_client directly. Every fig
 also in the run report and the version's manifest; the push is for dashboards and alerts.
 Run counts are read from the registry's run reports, so they are cumulative and survive
 restarts even though each push replaces the job's previous group.
+
+With offline audits (the default) the gateway never learns whether an audited input's
+student agreed with the teacher; the job does, when it labels them. It pushes the last
+measured agreement (``protege_distill_offline_audits``), which the recording rule
+``protege:audit_agreement:ratio_1h`` falls back to and the dashboard shows.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
+from serving.escalation_log import EscalationRecord
 
 logger = logging.getLogger(__name__)
 JOB = "protege_distill"
@@ -27,6 +35,50 @@ RESULTS = (
     "failed",
 )
 COMPLETED = ("promoted", "rejected", "superseded")
+
+
+class Labeller(Protocol):
+    """The teacher's answers for records (``distill.offline_labels.OfflineLabels``)."""
+
+    labels: list[str]
+
+    def probs(self, records: list[EscalationRecord]) -> np.ndarray: ...
+
+
+def offline_audit_agreement(records: list[EscalationRecord], labeller: Labeller) -> dict[str, Any]:
+    """Of ``records`` (the run's new ones), the audited inputs the teacher labelled offline:
+    how many kept the teacher's label (the student's top label is the teacher's). Audits the
+    teacher answered online are left out: the gateway counts those itself
+    (``ray_protege_audits_total``)."""
+    audits = [
+        r
+        for r in records
+        if r.reason == "audit" and r.teacher_status != "answered" and r.labels == labeller.labels
+    ]
+    agree = 0
+    if audits:
+        teacher = labeller.probs(audits).argmax(axis=1)
+        student = np.asarray([r.student_probs for r in audits]).argmax(axis=1)
+        agree = int((teacher == student).sum())
+    return {
+        "audits": len(audits),
+        "agree": agree,
+        "disagree": len(audits) - agree,
+        "ratio": agree / len(audits) if audits else None,
+    }
+
+
+def last_audit_agreement(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The most recent run's offline audit agreement that rests on at least one audit."""
+    measured = [
+        r
+        for r in reports
+        if isinstance(r.get("audit_agreement"), dict) and r["audit_agreement"].get("audits")
+    ]
+    if not measured:
+        return None
+    latest = max(measured, key=lambda r: float(r.get("finished_at", 0.0)))
+    return {**latest["audit_agreement"], "finished_at": float(latest.get("finished_at", 0.0))}
 
 
 def run_counts(reports: list[dict[str, Any]]) -> Counter[str]:
@@ -68,6 +120,22 @@ def collect(report: dict[str, Any], reports: list[dict[str, Any]]) -> CollectorR
             "When a run last completed (promoted or rejected)",
             registry=registry,
         ).set(success)
+    audits = last_audit_agreement(reports)
+    if audits is not None:
+        offline = Gauge(
+            "protege_distill_offline_audits",
+            "Audited inputs the last measuring run labelled offline (among its new records), "
+            "by whether the student's label was the teacher's",
+            ["agreement"],
+            registry=registry,
+        )
+        offline.labels(agreement="agree").set(audits["agree"])
+        offline.labels(agreement="disagree").set(audits["disagree"])
+        Gauge(
+            "protege_distill_offline_audits_timestamp_seconds",
+            "When the run that measured protege_distill_offline_audits ended",
+            registry=registry,
+        ).set(audits["finished_at"])
     window = report.get("window", {})
     Gauge(
         "protege_distill_records_consumed",
@@ -83,13 +151,17 @@ def collect(report: dict[str, Any], reports: list[dict[str, Any]]) -> CollectorR
     if drop:
         gate = Gauge(
             "protege_distill_gate",
-            "The last gate's escalation drop (estimate and one-sided lower bound) and the "
-            "sampled confident records it rested on",
+            "The last gate's figure: the drop in escalation needed for the target agreement "
+            "(current minus candidate; estimate, one-sided lower bound, the drop it had to "
+            "exceed) and the sampled confident records it rested on",
             ["figure"],
             registry=registry,
         )
         gate.labels(figure="escalation_drop").set(float(drop["value"]))
         gate.labels(figure="escalation_drop_lower_bound").set(float(drop["low"]))
+        required = report.get("decision", {}).get("required_drop")
+        if required is not None:
+            gate.labels(figure="required_drop").set(float(required))
         gate.labels(figure="sampled_records").set(float(drop["sampled"]))
         gate.labels(figure="records").set(float(drop["records"]))
     evals = report.get("eval", {})

@@ -263,6 +263,9 @@ def _write_configs(spec: TaskSpec, teacher: Path, student: Path, labels: list[st
                     "registry": str(spec.registry_dir.resolve()),
                     "cascade": {"scorer": spec.scorer, "audit_fraction": spec.audit_fraction},
                     "log": {"dir": str(spec.escalations_dir.resolve())},
+                    # open on 127.0.0.1 while no key is configured: set access.keys_file
+                    # (`protege keys new NAME --file ...`) before serving anyone else
+                    "access": {"required": False},
                 },
                 "deployments": [
                     {"name": "Gateway", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},

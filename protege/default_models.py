@@ -15,6 +15,11 @@ is skipped when its output is complete, and written to a ``.partial`` folder tha
 renamed at the end, so an interrupted build resumes instead of serving half a model.
 The ``lite`` profile swaps in a lighter pair (MiniLM teacher, 2-layer MiniLM student, fewer
 examples) that runs the same code path in about a minute, for CI.
+
+A build is repeatable: torch is seeded before each model is made (``from_pretrained``
+initialises the classifier head from torch's global generator), the data order has its own
+seeds, and the build runs on a fixed number of torch threads (the order of a sum, and so its
+rounding, depends on it), so two builds on one machine give the same weights.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,7 +64,11 @@ class Profile:
     train_limit: int | None  # headlines used to train the teacher (None: all)
     traffic_size: int  # texts in the task's traffic sample (scored by both models)
     target_agreement: float  # the default threshold target stored with the student
+    threads: int  # torch threads for the whole build: fixed, so the weights are repeatable
     runtime: Runtime | None = None  # try serving both through this runtime (`protege optimize`)
+
+
+BUILD_SEED = 0  # torch's generator before each model is made: its new head's initial weights
 
 
 PROFILES = {
@@ -69,6 +80,7 @@ PROFILES = {
         train_limit=None,
         traffic_size=3000,
         target_agreement=0.97,
+        threads=4,
         runtime="onnx",
     ),
     "lite": Profile(
@@ -79,6 +91,7 @@ PROFILES = {
         train_limit=240,
         traffic_size=300,
         target_agreement=0.95,
+        threads=2,  # CI's machines
     ),
 }
 
@@ -90,7 +103,19 @@ def _labels_config(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
+@contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    """Run on ``threads`` torch threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _base_teacher(profile: Profile, cache: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    torch.manual_seed(BUILD_SEED)  # the new head is drawn from torch's generator
     if profile.teacher_encoder == "mpnet":
         folder = mpnet_folder(cache / "encoders")
         config = _labels_config(AutoConfig.from_pretrained(folder))
@@ -99,6 +124,12 @@ def _base_teacher(profile: Profile, cache: Path) -> tuple[PreTrainedModel, PreTr
         folder = minilm_folder()
         model = _mean_pool_minilm(folder, layers=6)
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _base_student(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    torch.manual_seed(BUILD_SEED)
+    model = _mean_pool_minilm(minilm_folder(), layers=profile.student_layers)
+    return model, AutoTokenizer.from_pretrained(minilm_folder())
 
 
 def _mean_pool_minilm(folder: Path, layers: int) -> PreTrainedModel:
@@ -161,22 +192,22 @@ def build_defaults(
 
     # a model folder exists only once complete (it is renamed from .partial)
     training: dict[str, object] = {}
-    if not teacher_dir.exists():
-        model, tokenizer = _base_teacher(profile, cache)
-        train = bbc.read_split(data, "train")
-        train = bbc.sample(train, profile.train_limit, seed=1) if profile.train_limit else train
-        training["teacher"] = _train_model(
-            "teacher", teacher_dir, model, tokenizer, train, profile.teacher, dev
-        )
-    if not student_dir.exists():
-        model = _mean_pool_minilm(minilm_folder(), layers=profile.student_layers)
-        tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-        seed = bbc.read_split(data, "seed")
-        training["student"] = _train_model(
-            "student", student_dir, model, tokenizer, seed, profile.student, dev
-        )
-    task = write_task(cache, profile)
-    prepared = prepare(load_task(task), force=True, device=device)
+    with fixed_threads(profile.threads):
+        if not teacher_dir.exists():
+            model, tokenizer = _base_teacher(profile, cache)
+            train = bbc.read_split(data, "train")
+            train = bbc.sample(train, profile.train_limit, seed=1) if profile.train_limit else train
+            training["teacher"] = _train_model(
+                "teacher", teacher_dir, model, tokenizer, train, profile.teacher, dev
+            )
+        if not student_dir.exists():
+            model, tokenizer = _base_student(profile)
+            seed = bbc.read_split(data, "seed")
+            training["student"] = _train_model(
+                "student", student_dir, model, tokenizer, seed, profile.student, dev
+            )
+        task = write_task(cache, profile)
+        prepared = prepare(load_task(task), force=True, device=device)
     report = {**prepared.report, "training": training, "profile": profile_name}
     if profile.runtime:
         report["runtime"] = optimize_defaults(cache, profile.runtime)

@@ -44,8 +44,14 @@ def cluster_args(storage: str) -> dict[str, Any]:
         "registry": f"{storage}/registry",
         "registry_cache_dir": f"{LOCAL}/registry-cache",
         "log": {"dir": f"{LOCAL}/escalations", "ship_to": f"{storage}/escalations"},
-        # keys from the protege-secrets Secret (PROTEGE_API_KEYS); overrides only per key
-        "access": {"keys_file": None, "keys_env": "PROTEGE_API_KEYS", "anonymous_overrides": False},
+        # keys from the protege-secrets Secret (PROTEGE_API_KEYS), always required (the
+        # local config's `required: false` never reaches the cluster); overrides only per key
+        "access": {
+            "keys_file": None,
+            "keys_env": "PROTEGE_API_KEYS",
+            "required": True,
+            "anonymous_overrides": False,
+        },
     }
 
 

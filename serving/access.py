@@ -3,8 +3,13 @@
 Keys are stored as SHA-256 hashes (a key is 32 random bytes, so a plain hash is enough: there
 is nothing to guess), read from a YAML/JSON file or an environment variable (a Kubernetes
 Secret), and every stored hash is compared in constant time on every request, so neither
-the answer nor its timing says which keys exist. With no keys configured, authentication is
-off (local runs) and the start-up log says so.
+the answer nor its timing says which keys exist.
+
+Access fails closed: a gateway without a key does not start, and a configured source that
+holds none (an empty key file, the variable set to ``[]``, ``null`` or the cluster Secret's
+placeholder) is a start-up error naming it, never a quiet switch to open access. Open access
+is a setting of its own, ``access.required: false`` (local runs on 127.0.0.1), and the
+start-up log says so.
 
 ``protege keys new NAME [--overrides]`` makes a key and prints the entry to store.
 """
@@ -26,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from serving.config import AccessConfig
 
 KEY_PREFIX = "pk_"
+PLACEHOLDER = "REPLACE_ME"  # how the shipped cluster Secret's value begins (k8s/base/secret.yaml)
 
 
 class StoredKey(BaseModel):
@@ -64,20 +70,47 @@ def new_key(name: str, overrides: bool = False) -> tuple[str, StoredKey]:
 
 
 def load_keys(config: AccessConfig) -> list[StoredKey]:
-    """The configured keys (file first, then the environment variable); [] means auth off."""
+    """The configured keys (the file's, then the variable's). A configured source without a
+    key is an error naming it, and so is no key at all unless ``config.required`` is false."""
     keys: list[StoredKey] = []
     if (path := config.keys_file) is not None:
-        keys += _parse(str(path), lambda: yaml.safe_load(path.read_text()))
-    if os.environ.get(config.keys_env):
-        keys += _parse(f"${config.keys_env}", lambda: json.loads(os.environ[config.keys_env]))
+        keys += _parse(
+            f"API key file {path}",
+            lambda: yaml.safe_load(path.read_text()),
+            f"add one with `protege keys new NAME --file {path}`",
+        )
+    if (raw := os.environ.get(config.keys_env)) is not None:
+        keys += _parse(
+            f"${config.keys_env}",
+            lambda: _json_keys(raw),
+            "set it to the JSON list `protege keys new NAME` prints (in a cluster: in the "
+            "protege-secrets Secret), or unset it for a local gateway with access.required: false",
+        )
+    if not keys and config.required:
+        raise ValueError(
+            f"no API key configured (access.keys_file is not set and ${config.keys_env} is "
+            "not set): make one with `protege keys new NAME --file api-keys.yaml` and set "
+            f"access.keys_file to that file, or put the entry it prints in ${config.keys_env}; "
+            "for open access on a local gateway, set access.required: false"
+        )
     return keys
 
 
-def _parse(source: str, read: Callable[[], object]) -> list[StoredKey]:
+def _json_keys(raw: str) -> object:
+    if raw.strip().startswith(PLACEHOLDER):
+        raise ValueError("it still holds the shipped placeholder, not a key")
+    return json.loads(raw) if raw.strip() else None
+
+
+def _parse(source: str, read: Callable[[], object], fix: str) -> list[StoredKey]:
     try:
-        return _KEYS.validate_python(read() or [])
+        keys = _KEYS.validate_python(read() or [])
     except (OSError, ValueError, ValidationError) as exc:
-        raise ValueError(f"API keys in {source} cannot be read: {exc}") from None
+        reason = " ".join(str(exc).split())  # one line
+        raise ValueError(f"{source} cannot be read: {reason}; {fix}") from None
+    if not keys:  # fails closed: an empty source never turns authentication off
+        raise ValueError(f"{source} holds no API key: {fix}")
+    return keys
 
 
 class Gatekeeper:
@@ -96,7 +129,10 @@ class Gatekeeper:
             allowed = sum(k.overrides for k in self._keys)
             return f"API keys required ({len(self._keys)} keys, {allowed} may steer the routing)"
         steering = "allowed" if self._anonymous.overrides else "refused"
-        return f"authentication OFF: any client may classify (routing overrides {steering})"
+        return (
+            "authentication OFF (access.required: false): any client may classify "
+            f"(routing overrides {steering})"
+        )
 
     def caller(self, authorization: str | None) -> Caller:
         if not self.enabled:
@@ -124,6 +160,7 @@ class Gatekeeper:
 
 
 def gatekeeper(config: AccessConfig) -> Gatekeeper:
+    """The configured keys' gatekeeper; open only with ``required: false`` and no key."""
     return Gatekeeper(load_keys(config), config.anonymous_overrides)
 
 

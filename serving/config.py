@@ -110,8 +110,9 @@ class LimitsConfig(_Strict):
 
 
 class AccessConfig(_Strict):
-    """API keys for inference. With no key file and no key variable set, authentication is
-    off (for local runs; the start-up log says so)."""
+    """API keys for inference. Fails closed: the gateway refuses to start without a key,
+    and a configured source that holds none (an empty key file, the variable set to ``[]``)
+    is an error naming it. Open access is ``required: false``, for local runs only."""
 
     keys_file: Path | None = Field(
         default=None, description="YAML or JSON list of {name, sha256, overrides} (hashed keys)"
@@ -119,6 +120,11 @@ class AccessConfig(_Strict):
     keys_env: str = Field(
         default="PROTEGE_API_KEYS",
         description="Environment variable holding the same list as JSON (a Kubernetes Secret)",
+    )
+    required: bool = Field(
+        default=True,
+        description="Refuse to start without an API key; false: with no key source "
+        "configured, any client may classify (a local gateway on 127.0.0.1, never a cluster)",
     )
     anonymous_overrides: bool = Field(
         default=False,

@@ -32,10 +32,12 @@ from serving.metrics import GatewayMetrics
 from serving.registry import Registry
 from serving.schemas import ModelInfo, ModelsResponse, SwapStatus
 from serving.service import Answer, CascadeService, Routing, StudentRow
+from serving.teacher_probe import TeacherProbe
 
 logger = logging.getLogger("ray.serve")
 SERVING_GAUGES_EVERY_S = 5.0
 FIRST_LOAD_WAIT_S = 300.0  # Serve holds a new replica's first requests while reconfigure runs
+TEACHER_INFO_TIMEOUT_S = 10.0  # the teacher's info (a control call, not teacher_timeout_s)
 
 
 @serve.deployment(
@@ -90,6 +92,9 @@ class Gateway:
         self.gatekeeper = gatekeeper(config.access)
         logger.warning("%s", self.gatekeeper.describe())
         self._teacher_info: dict[str, Any] | None = None
+        self.teacher_probe = TeacherProbe(
+            self.service, self._teacher_details, config.teacher_unready_after_s
+        )
         self._serving: tuple[str, str] | None = None
         self._publish_serving()
         # Ray exports a gauge only while it is being set: re-publish what serves, so the
@@ -197,19 +202,8 @@ class Gateway:
 
     async def readiness(self) -> Readiness:
         """Ready when the teacher is up and has not been failing for longer than
-        ``teacher_unready_after_s`` (a failing teacher is probed again here, so readiness
-        comes back as soon as it answers)."""
-        try:
-            teacher = await self._teacher_details()
-            failing = await self.service.teacher_failing_for()
-        except Exception as exc:  # the teacher is not up (yet): not ready, but alive
-            return Readiness(status="not ready", reason=f"teacher unavailable: {exc!r:.200}")
-        if failing is not None and failing >= self.config.teacher_unready_after_s:
-            reason = f"teacher failing for {failing:.0f} s (answers are degraded)"
-            return Readiness(status="not ready", reason=reason)
-        return Readiness(
-            status="ready", student=self.slot.active.version, teacher=teacher["version"]
-        )
+        ``teacher_unready_after_s``; the teacher is probed on a timer, never per caller."""
+        return await self.teacher_probe.readiness(self.slot.active.version)
 
     async def models(self) -> ModelsResponse:
         teacher = await self._teacher_details()
@@ -258,7 +252,12 @@ class Gateway:
 
     async def _teacher_details(self) -> dict[str, Any]:
         if self._teacher_info is None:
-            info = await self.teacher.info.remote()
+            call = self.teacher.info.remote()
+            try:
+                info = await asyncio.wait_for(call, TEACHER_INFO_TIMEOUT_S)
+            except BaseException:
+                call.cancel()
+                raise
             if info["labels"] != self.labels:
                 raise RuntimeError(
                     f"teacher labels {info['labels']} differ from the student's {self.labels}"

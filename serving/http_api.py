@@ -6,6 +6,7 @@ No ``from __future__ import annotations`` here: FastAPI reads the route signatur
 request model is made at run time.
 """
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Protocol
@@ -22,7 +23,9 @@ from serving.guard import Guard
 from serving.schemas import ClassifyResponse, ErrorBody, ModelsResponse, request_model
 from serving.service import Answer, Routing
 
+logger = logging.getLogger("ray.serve")
 MAX_TIMEOUT_MS = 600_000
+MODELS_UNAVAILABLE = "teacher unavailable: try again shortly (the replica's log says why)"
 
 
 class Readiness(BaseModel):
@@ -116,8 +119,9 @@ def _add_models(api: FastAPI, backend: Backend, auth: list[Any], keys: bool) -> 
     async def models() -> Any:
         try:
             return await backend.models()
-        except Exception as exc:  # the teacher is not up (yet)
-            return JSONResponse({"error": f"teacher unavailable: {exc!r:.200}"}, status_code=503)
+        except Exception:  # the teacher is not up (yet): its error is logged, never returned
+            logger.warning("/v1/models: the teacher is unavailable", exc_info=True)
+            return JSONResponse({"error": MODELS_UNAVAILABLE}, status_code=503)
 
 
 def _add_classify(

@@ -14,18 +14,29 @@ a unit test hands it plain functions.
   ask the teacher off the response path, at most ``overload.audits_max_in_flight`` inputs
   at once (beyond that they are logged like offline audits and counted as deferred: an
   audit is never dropped, or the sample's inclusion probability would be false).
+- **Nothing lost to a cancellation**: the escalations and the audit draw are decided before
+  the teacher is awaited, and the request's records are written once by a task of its own,
+  started in a ``finally``: a request cancelled while it waits on the teacher (a client
+  that went away, ``request_timeout_s``) still logs every escalated input (teacher status
+  ``cancelled``, labelled offline) and its drawn audits; one cancelled during the write
+  neither stops nor repeats it. An online audit of a cancelled request is still asked.
+  Counted once: audits when drawn; a request's inputs and escalations when it is answered
+  (a cancelled request is not counted as served, so the escalation rate stays a ratio of
+  answered inputs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,10 +47,12 @@ from serving.hot_swap import ActiveStudent
 from serving.schemas import ClassifyOutput, Tier
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 StudentRow = tuple[np.ndarray, bool, ActiveStudent]  # probabilities, truncated, who answered
 StudentCall = Callable[[list[str]], Awaitable[list[StudentRow]]]  # one row per text
 TeacherCall = Callable[[list[str], float], Awaitable[list[dict[str, Any]]]]  # texts, timeout
+Outcome = tuple[dict[str, Any] | None, TeacherStatus]  # the teacher's answer or none, and why
 
 
 class Sink(Protocol):
@@ -92,6 +105,8 @@ class StudentAnswers:
     truncated: list[bool]
     students: list[ActiveStudent]
     override: float | None
+    # the server's key for this request, on all its records (never the client's id)
+    request_key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @cached_property
     def thresholds(self) -> np.ndarray:
@@ -121,7 +136,7 @@ class CascadeService:
         self.teacher_in_flight = 0  # escalated inputs waiting on the teacher
         self.audits_in_flight = 0
         self.teacher_failing_since: float | None = None  # monotonic time of the first failure
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()  # held: the loop keeps weak refs
 
     async def classify(self, texts: list[str], request_id: str, routing: Routing) -> Answer:
         began = time.perf_counter()
@@ -129,27 +144,25 @@ class CascadeService:
         decision = decide(
             batch.probs, self.config.cascade.scorer, batch.thresholds, routing.force_tier
         )
+        # decided now, before any wait: the inputs logged whatever becomes of the request
         escalated = np.flatnonzero(decision.escalate).tolist()
-        answers, statuses = await self._escalate([texts[i] for i in escalated], routing.deadline)
-        by_input = dict(zip(escalated, answers, strict=True))
-        status_of = dict(zip(escalated, statuses, strict=True))
+        audited = self._draw_audits(decision)
+        reason: Reason | None = "forced" if routing.steered else decision.reason
+        outcome: dict[int, Outcome] = {}  # per escalated input; filled before the first await
+        try:
+            await self._escalate(batch, escalated, routing.deadline, outcome)
+        finally:  # answered, or cancelled while the teacher was awaited: logged once either way
+            writing = self._log(batch, decision, reason or "forced", outcome, audited)
+        answered = {i: answer for i, (answer, _) in outcome.items() if answer is not None}
         outputs = [
-            self._teacher_output(answer, decision.confidence[i])
-            if (answer := by_input.get(i)) is not None
-            else self._student_output(batch, decision, i, i in status_of)
+            self._teacher_output(answered[i], decision.confidence[i])
+            if i in answered
+            else self._student_output(batch, decision, i, i in outcome)
             for i in range(len(texts))
         ]
-        reason: Reason | None = "forced" if routing.steered else decision.reason
-        # logged even when the teacher failed or was not asked: the job labels those offline
-        records = [
-            self._record(batch, decision, i, by_input[i], reason or "forced", 1.0, status_of[i])
-            for i in escalated
-        ]
-        records += self._maybe_audit(batch, decision)
-        logged = await self.sink.write(records) if records else None
-        reasons: list[str | None] = [
-            (reason if i in status_of else None) for i in range(len(texts))
-        ]
+        # shielded: a cancellation here leaves the write to finish, once
+        logged = await asyncio.shield(writing) if writing else None
+        reasons: list[str | None] = [(reason if i in outcome else None) for i in range(len(texts))]
         self.metrics.request(
             [o.tier for o in outputs],
             [o.degraded for o in outputs],
@@ -179,27 +192,31 @@ class CascadeService:
     # --- the teacher ----------------------------------------------------------------------
 
     async def _escalate(
-        self, texts: list[str], deadline: float | None
-    ) -> tuple[list[dict[str, Any] | None], list[TeacherStatus]]:
-        """The teacher's answer per input (None where it has none) and the status of each:
-        inputs beyond the bulkhead are skipped at once, the others asked together."""
-        if not texts:
-            return [], []
+        self,
+        batch: StudentAnswers,
+        escalated: list[int],
+        deadline: float | None,
+        outcome: dict[int, Outcome],
+    ) -> None:
+        """Fill ``outcome`` for the escalated inputs: those beyond the bulkhead are skipped at
+        once, the others are ``cancelled`` until the teacher's call returns (what they stay
+        if the request is cancelled while it waits)."""
         room = max(0, self.config.overload.teacher_max_in_flight - self.teacher_in_flight)
-        admitted, shed = texts[:room], len(texts) - min(room, len(texts))
+        admitted, shed = escalated[:room], escalated[room:]
+        outcome.update(dict.fromkeys(admitted, (None, "cancelled")))
+        outcome.update(dict.fromkeys(shed, (None, "skipped")))
         if shed:
-            self.metrics.inc("protege_teacher_shed", shed)
-        answers: list[dict[str, Any]] | None = None
-        status: TeacherStatus = "skipped"
-        if admitted:
-            self.teacher_in_flight += len(admitted)
-            try:
-                answers, status = await self.ask_teacher(admitted, deadline)
-            finally:
-                self.teacher_in_flight -= len(admitted)
-        got: list[dict[str, Any] | None] = list(answers) if answers else [None] * len(admitted)
-        statuses: list[TeacherStatus] = [status] * len(admitted) + ["skipped"] * shed
-        return got + [None] * shed, statuses
+            self.metrics.inc("protege_teacher_shed", len(shed))
+        if not admitted:
+            return
+        self.teacher_in_flight += len(admitted)
+        try:
+            texts = [batch.texts[i] for i in admitted]
+            answers, status = await self.ask_teacher(texts, deadline)
+        finally:
+            self.teacher_in_flight -= len(admitted)
+        for k, i in enumerate(admitted):
+            outcome[i] = (answers[k] if answers else None, status)
 
     async def ask_teacher(
         self, texts: list[str], deadline: float | None = None
@@ -231,13 +248,11 @@ class CascadeService:
         self.teacher_failing_since = None
         return answers, "answered"
 
-    async def teacher_failing_for(self) -> float | None:
-        """Seconds the teacher has failed every call, after one probe; None when it works."""
-        if self.teacher_failing_since is None:
-            return None
-        answers, _ = await self.ask_teacher(["readiness probe"])
+    def teacher_failing_for(self) -> float | None:
+        """Seconds the teacher has failed every call; None when it works. A read, never a
+        call: readiness probes the teacher on a timer (``serving.teacher_probe``)."""
         since = self.teacher_failing_since
-        return None if answers is not None or since is None else time.monotonic() - since
+        return None if since is None else time.monotonic() - since
 
     # --- outputs and records --------------------------------------------------------------
 
@@ -266,6 +281,42 @@ class CascadeService:
             truncated=batch.truncated[i],
         )
 
+    def _log(
+        self,
+        batch: StudentAnswers,
+        decision: Decision,
+        reason: Reason,
+        outcome: dict[int, Outcome],
+        audited: list[int],
+    ) -> asyncio.Task[bool] | None:
+        """Start the one write of this request's records (its escalations as ``outcome``
+        says, its offline or deferred audits; its online audits are asked apart), as a task
+        of its own that a cancelled handler neither stops nor repeats."""
+        records = [
+            self._record(batch, decision, i, answer, reason, 1.0, status)
+            for i, (answer, status) in outcome.items()
+        ]
+        records += self._start_audits(batch, decision, audited)
+        if not records:
+            return None
+        return self._in_background(self._write(records))
+
+    async def _write(self, records: list[EscalationRecord]) -> bool:
+        try:
+            return await self.sink.write(records)
+        except Exception:  # a task nobody may await: never an unretrieved exception
+            logger.exception("escalation log write failed for %d records", len(records))
+            return False
+
+    def _in_background(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A task that outlives the request, held until done. It runs in an empty context:
+        Ray Serve cancels the calls a cancelled request made from its context (its "child
+        requests"), and a background teacher call must not be one of them."""
+        task = contextvars.Context().run(asyncio.create_task, work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     def _record(
         self,
         batch: StudentAnswers,
@@ -278,6 +329,7 @@ class CascadeService:
     ) -> EscalationRecord:
         return make_record(
             request_id=batch.request_id,
+            request_key=batch.request_key,
             text=batch.texts[i],
             reason=reason,
             inclusion_probability=inclusion_probability,
@@ -293,33 +345,35 @@ class CascadeService:
 
     # --- audits ---------------------------------------------------------------------------
 
-    def _maybe_audit(self, batch: StudentAnswers, decision: Decision) -> list[EscalationRecord]:
-        """Log a uniform sample of the confident inputs, each with probability
-        ``audit_fraction``: with the student's answer only (returned, for the job to ask the
-        teacher offline, in batch), or with the teacher's, asked off the response path."""
-        cascade = self.config.cascade
-        if cascade.audit_fraction <= 0:
+    def _draw_audits(self, decision: Decision) -> list[int]:
+        """A uniform sample of the confident inputs, each with probability
+        ``audit_fraction``, drawn when the cascade decides (so a request cancelled later
+        still logs its audits)."""
+        fraction = self.config.cascade.audit_fraction
+        if fraction <= 0:
             return []
-        chosen = [
-            int(i)
-            for i in np.flatnonzero(~decision.escalate)
-            if self._draw() < cascade.audit_fraction
-        ]
+        chosen = [int(i) for i in np.flatnonzero(~decision.escalate) if self._draw() < fraction]
+        if chosen:
+            self.metrics.inc("protege_escalations", len(chosen), reason="audit")
+        return chosen
+
+    def _start_audits(
+        self, batch: StudentAnswers, decision: Decision, chosen: list[int]
+    ) -> list[EscalationRecord]:
+        """Online audits go to the teacher off the response path (logged when it answers);
+        the others are returned, to be logged with the request's records with the student's
+        answer only (the job asks the teacher offline, in batch)."""
         if not chosen:
             return []
-        self.metrics.inc("protege_escalations", len(chosen), reason="audit")
-        if cascade.audit_teacher == "offline":
-            return [self._audit_record(batch, decision, i, None, "skipped") for i in chosen]
-        if self.audits_in_flight + len(chosen) > self.config.overload.audits_max_in_flight:
+        if self.config.cascade.audit_teacher == "online":
+            if self.audits_in_flight + len(chosen) <= self.config.overload.audits_max_in_flight:
+                self.audits_in_flight += len(chosen)
+                self._in_background(self._audit(batch, decision, chosen))
+                return []
             # logged for offline labelling, never dropped: a dropped audit would make the
             # sample's inclusion probability false
             self.metrics.inc("protege_audits_deferred", len(chosen))
-            return [self._audit_record(batch, decision, i, None, "skipped") for i in chosen]
-        self.audits_in_flight += len(chosen)
-        task = asyncio.create_task(self._audit(batch, decision, chosen))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return []
+        return [self._audit_record(batch, decision, i, None, "skipped") for i in chosen]
 
     async def _audit(self, batch: StudentAnswers, decision: Decision, chosen: list[int]) -> None:
         try:
@@ -330,7 +384,7 @@ class CascadeService:
         for i, answer in by_index.items():
             agree = int(np.argmax(answer["probs"])) == int(np.argmax(batch.probs[i]))
             self.metrics.inc("protege_audits", agreement="agree" if agree else "disagree")
-        await self.sink.write(
+        await self._write(
             [self._audit_record(batch, decision, i, by_index.get(i), status) for i in chosen]
         )
 

@@ -44,6 +44,7 @@ def write_log(
         records.append(
             make_record(
                 request_id=f"req{i}",
+                request_key=f"key{i}",  # one input a request here
                 text=text,
                 reason="low_confidence" if escalate else "audit",
                 inclusion_probability=1.0 if escalate else audit_fraction,

@@ -188,7 +188,21 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
         "seconds": 12.5,
         "window": {"new_records": 400},
         "epoch_losses": [0.9, 0.5],
-        "eval": {"current": {"escalation_rate": 0.4}, "candidate": {"escalation_rate": 0.2}},
+        "eval": {
+            "current": {"escalation_rate": 0.4, "escalation_needed": 0.42},
+            "candidate": {"escalation_rate": 0.2, "escalation_needed": 0.21},
+        },
+        "decision": {  # the gate's figure: the drop in escalation needed, and its bar
+            "escalation_drop": {
+                "value": 0.21,
+                "low": 0.15,
+                "high": 0.27,
+                "sampled": 150,
+                "records": 600,
+            },
+            "required_drop": 0.01,
+        },
+        "audit_agreement": {"audits": 20, "agree": 18, "disagree": 2, "ratio": 0.9},
     }
     (runs / "r1.json").write_text(json.dumps(report))
     assert distill_metrics.push(pushgateway, report, [{**report, "finished_at": time.time()}])
@@ -240,6 +254,13 @@ def test_counts_match_the_traffic_sent(prometheus, traffic):
     degraded = 'application="metrics-degraded"'
     settles(prometheus, f'sum(ray_protege_inputs_total{{{degraded},outcome="degraded"}})', 2)
     settles(prometheus, f'sum(ray_protege_teacher_failures_total{{{degraded},kind="timeout"}})', 1)
+
+
+def test_the_jobs_offline_audit_agreement_reaches_the_recording_rule(prometheus, traffic):
+    settles(prometheus, 'sum(protege_distill_offline_audits{agreement="agree"})', 18)
+    settles(prometheus, "protege:audit_agreement_offline:ratio", 0.9)
+    # this app's audits are online (the gateway counts them): those come first
+    settles(prometheus, "count(protege:audit_agreement:ratio_1h)", 1)
 
 
 def test_no_metric_carries_user_text_or_request_ids(prometheus, traffic):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from serving.access import (
+    PLACEHOLDER,
     AccessError,
     Gatekeeper,
     gatekeeper,
@@ -49,14 +50,59 @@ def test_an_unreadable_key_source_names_itself(tmp_path, monkeypatch):
         load_keys(AccessConfig(keys_env="MY_KEYS"))
 
 
-def test_without_keys_authentication_is_off_and_says_so(monkeypatch):
+def test_open_access_is_a_setting_of_its_own_and_says_so(monkeypatch):
     monkeypatch.delenv("PROTEGE_API_KEYS", raising=False)
-    keeper = gatekeeper(AccessConfig())
+    keeper = gatekeeper(AccessConfig(required=False))
     assert not keeper.enabled
-    assert "authentication OFF" in keeper.describe() and "overrides refused" in keeper.describe()
+    assert "authentication OFF (access.required: false)" in keeper.describe()
+    assert "overrides refused" in keeper.describe()
     caller = keeper.caller(None)
     assert caller.name == "anonymous" and not caller.overrides
-    assert gatekeeper(AccessConfig(anonymous_overrides=True)).caller(None).overrides
+    opened = AccessConfig(required=False, anonymous_overrides=True)
+    assert gatekeeper(opened).caller(None).overrides
+
+
+def test_no_key_at_all_is_refused_at_start_up_unless_access_is_opened(monkeypatch):
+    monkeypatch.delenv("PROTEGE_API_KEYS", raising=False)
+    with pytest.raises(ValueError, match="no API key configured") as info:
+        gatekeeper(AccessConfig())
+    assert "protege keys new NAME" in str(info.value)
+    assert "access.required: false" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["[]", "null", "", "  "])
+def test_a_key_variable_that_holds_no_key_is_refused_naming_it(monkeypatch, value):
+    monkeypatch.setenv("PROTEGE_API_KEYS", value)
+    for required in (True, False):  # a configured source fails closed, whatever `required`
+        with pytest.raises(ValueError, match=r"\$PROTEGE_API_KEYS holds no API key") as info:
+            gatekeeper(AccessConfig(required=required))
+        assert "protege keys new NAME" in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["", "[]\n", "null\n", "# no keys yet\n"])
+def test_a_key_file_that_holds_no_key_is_refused_naming_it(tmp_path, monkeypatch, content):
+    monkeypatch.delenv("PROTEGE_API_KEYS", raising=False)
+    path = tmp_path / "keys.yaml"
+    path.write_text(content)
+    for required in (True, False):
+        with pytest.raises(ValueError) as info:
+            gatekeeper(AccessConfig(keys_file=path, required=required))
+        assert str(info.value).startswith(f"API key file {path} holds no API key")
+        assert f"protege keys new NAME --file {path}" in str(info.value)
+
+
+def test_an_empty_source_is_refused_even_beside_one_with_keys(tmp_path, monkeypatch):
+    write_entry(tmp_path / "keys.yaml", new_key("app")[1])
+    monkeypatch.setenv("PROTEGE_API_KEYS", "[]")
+    with pytest.raises(ValueError, match=r"\$PROTEGE_API_KEYS holds no API key"):
+        gatekeeper(AccessConfig(keys_file=tmp_path / "keys.yaml"))
+
+
+def test_the_shipped_placeholder_is_refused_saying_how_to_make_a_key(monkeypatch):
+    monkeypatch.setenv("PROTEGE_API_KEYS", f"{PLACEHOLDER}: put a key here")
+    with pytest.raises(ValueError, match="shipped placeholder") as info:
+        gatekeeper(AccessConfig())
+    assert "$PROTEGE_API_KEYS" in str(info.value) and "protege keys new NAME" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,19 @@ def test_labels_must_match(tmp_path, tiny_pair):
         check_models(load_config(config(tiny_pair[0], other, threshold=0.5)))
 
 
+def test_a_gateway_without_a_key_is_refused_before_deploying(tiny_pair, monkeypatch):
+    monkeypatch.delenv("PROTEGE_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="no API key configured"):
+        check_models(load_config(config(*tiny_pair, threshold=0.5)))
+    monkeypatch.setenv("PROTEGE_API_KEYS", "[]")
+    with pytest.raises(ConfigError, match=r"\$PROTEGE_API_KEYS holds no API key"):
+        check_models(
+            load_config({**config(*tiny_pair, threshold=0.5), "access": {"required": False}})
+        )
+    monkeypatch.delenv("PROTEGE_API_KEYS")
+    check_models(load_config({**config(*tiny_pair, threshold=0.5), "access": {"required": False}}))
+
+
 def manifest(default: DefaultTarget | None = None) -> ModelManifest:
     scores = [i / 100 for i in range(100)]
     return ModelManifest(

@@ -3,13 +3,14 @@ every refusal counted, and an OpenAPI document that states all of it."""
 
 import asyncio
 import json
+import logging
 
 import httpx
 import pytest
 
 from serving.access import Gatekeeper, new_key
 from serving.config import LimitsConfig
-from serving.http_api import Readiness, build_api
+from serving.http_api import MODELS_UNAVAILABLE, Readiness, build_api
 from serving.schemas import ClassifyOutput
 from serving.service import Answer, Routing
 
@@ -179,10 +180,13 @@ def test_the_deadline_header_becomes_the_requests_deadline():
     )
 
 
-def test_models_answers_503_with_a_body_when_the_teacher_is_down():
+def test_models_answers_503_with_a_fixed_body_when_the_teacher_is_down(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("ray.serve"), "propagate", True)  # Serve may unset it
     app, _, _ = make()
     response = call(app, "GET", "/v1/models", headers=bearer(PLAIN))
-    assert response.status_code == 503 and "teacher unavailable" in response.json()["error"]
+    assert response.status_code == 503 and response.json() == {"error": MODELS_UNAVAILABLE}
+    assert "teacher down" not in response.text and "RuntimeError" not in response.text
+    assert "teacher down" in caplog.text  # the exception is logged instead
 
 
 def test_the_openapi_document_states_the_limits_and_every_error():

@@ -4,6 +4,7 @@ Ray kinds against KubeRay's CRDs; the image installs what `make install` install
 
 import copy
 import functools
+import json
 import os
 import re
 import subprocess
@@ -26,7 +27,8 @@ from protege.k8s_gen import (
 from protege.k8s_gen import (
     cluster_args as cluster_fields,
 )
-from serving.config import GatewayConfig
+from serving.access import load_keys, new_key
+from serving.config import AccessConfig, GatewayConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = Path(sys.executable).with_name("kubectl")
@@ -134,6 +136,39 @@ def test_the_embedded_serve_config_is_the_local_one_plus_the_cluster_fields(rend
     for key in cluster_fields(STORAGE):
         local_args.pop(key, None), cluster_args.pop(key)
     assert cluster_args == local_args  # the cascade, limits, overload: identical
+
+
+def serve_access(docs: list[dict]) -> list[AccessConfig]:
+    service = next(d for d in docs if d["kind"] == "RayService")
+    apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    return [GatewayConfig.model_validate(app["args"]).access for app in apps]
+
+
+def test_the_cluster_requires_a_key_although_the_local_config_is_open(rendered):
+    local = yaml.safe_load((ROOT / "deploy/serve_config.yaml").read_text())
+    assert local["applications"][0]["args"]["access"]["required"] is False  # 127.0.0.1 only
+    for folder, docs in rendered.items():
+        assert all(access.required for access in serve_access(docs)), folder
+        text = yaml.safe_dump_all(docs) + "".join(
+            d["spec"].get("serveConfigV2", "") for d in docs if d["kind"] == "RayService"
+        )
+        assert not re.search(r"required:\s*false", text), folder
+
+
+def test_the_shipped_secret_fails_start_up_until_a_key_is_put_in(rendered, monkeypatch):
+    for docs in rendered.values():
+        secret = next(d for d in docs if d["kind"] == "Secret")
+        assert secret["metadata"]["name"] == "protege-secrets"
+        service = next(d for d in docs if d["kind"] == "RayService")
+        assert '"secretRef": {"name": "protege-secrets"}' in json.dumps(service)
+        for access in serve_access(docs):
+            monkeypatch.setenv(access.keys_env, secret["stringData"][access.keys_env])
+            with pytest.raises(ValueError, match="shipped placeholder") as info:
+                load_keys(access)
+            assert "protege keys new NAME" in str(info.value)
+            entry = new_key("billing-app")[1]
+            monkeypatch.setenv(access.keys_env, json.dumps([entry.model_dump()]))
+            assert load_keys(access) == [entry]  # a key put in: it starts
 
 
 def test_the_registry_and_the_log_live_in_the_object_store_named_once():
