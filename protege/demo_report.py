@@ -153,9 +153,10 @@ def spread(folders: list[Path]) -> str:
 
     runs = [json.loads((Path(f) / "demo.json").read_text()) for f in folders]
     lines = [
-        "| seed | results by round | live esc. after the last round [95% CI] | sampled | "
+        "| seed | results by round | gate: drop in esc. needed [bound] by round | "
+        "live esc. after the last round [95% CI] | sampled | "
         "holdout esc. seed -> final | gold acc. seed -> final | esc. needed seed -> final | final / seed |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     ratios, finals = [], []
     for run in runs:
@@ -166,7 +167,8 @@ def spread(folders: list[Path]) -> str:
         ratios.append(summary["ratio_final_to_seed"])
         finals.append(final["escalation_rate"])
         lines.append(
-            f"| {summary['demo_seed']} | {', '.join(r['result'] for r in rows)} | {_ci(esc)} | "
+            f"| {summary['demo_seed']} | {', '.join(r['result'] for r in rows)} | "
+            f"{', '.join(_drop(r.get('decision') or {}) for r in rows)} | {_ci(esc)} | "
             f"{esc['sampled'] if esc else '-'} | {seed['escalation_rate']:.1%} -> "
             f"{final['escalation_rate']:.1%} | {seed['cascade_gold_accuracy']:.1%} -> "
             f"{final['cascade_gold_accuracy']:.1%} | {seed['escalation_needed']:.1%} -> "

@@ -2,6 +2,7 @@
 the test, generated texts. `protege init`, serving with offline audits, a distillation run
 judged on the live traffic the gateway logged, the gate, and a hot swap."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,33 @@ def test_init_serve_distil_gate_and_swap_on_a_three_label_task(serve_cluster, tm
     assert models.threshold == pytest.approx(decision["candidate"]["threshold"])
     after = served_escalation(url, [t for t, _ in tickets(400, seed=8)])
     assert after < before - 0.1, (before, after)
+
+    # the task's traffic sample served as traffic (a sample of the traffic is traffic too):
+    # the next candidate trains on some of its texts, so with too few live calibration
+    # records the fallback calibrates on the sample's other texts only, and the gate
+    # checks the agreement at the threshold the candidate would serve with
+    lines = (tmp_path / "traffic.jsonl").read_text().splitlines()
+    sample = [json.loads(line)["text"] for line in lines]
+    served_escalation(url, sample)
+    fallback = config.model_copy(
+        update={
+            "min_records": 1,
+            "eval": config.eval.model_copy(update={"min_calibration_sampled": 10**6}),
+        }
+    )
+    second = run(fallback)
+    assert second["result"] in ("promoted", "rejected", "recalibrated"), second["reason"]
+    calibration = second["calibration"]
+    assert calibration["kind"] == "traffic_sample"
+    assert 0 < calibration["trained_texts_dropped"] < len(sample)
+    assert calibration["inputs"] == len(sample) - calibration["trained_texts_dropped"]
+    assert (
+        f"less {calibration['trained_texts_dropped']} the candidate trained on"
+        in (calibration["source"])
+    )
+    served = second["decision"]["served_agreement"]
+    if second["result"] == "promoted":  # never shown to serve below the target
+        assert served["high"] >= 0.95 - fallback.gate.agreement_margin
     local_ray_delete("tickets")
 
 

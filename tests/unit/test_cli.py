@@ -70,14 +70,20 @@ def test_demo_spread_puts_seeds_side_by_side(tmp_path):
                 "ratio_final_to_seed": 0.5,
             },
             "rounds": [
-                {"result": "promoted", "decision": {"candidate": {"escalation_rate": live}}}
+                {
+                    "result": "promoted",
+                    "decision": {
+                        "candidate": {"escalation_rate": live},
+                        "escalation_drop": {"value": 0.12, "low": 0.05},
+                    },
+                }
             ],
         }
         (tmp_path / str(seed)).mkdir()
         (tmp_path / str(seed) / "demo.json").write_text(json.dumps(run))
         folders.append(tmp_path / str(seed))
     table = spread(folders)
-    assert "| 0 | promoted | 15.0% [10.0%, 20.0%] | 120 |" in table
+    assert "| 0 | promoted | +12.0% [+5.0%] | 15.0% [10.0%, 20.0%] | 120 |" in table
     assert "final holdout escalation 15.0% to 25.0%" in table
 
 
