@@ -10,6 +10,7 @@ The run report (registry/runs/<run id>.json) says what happened and why.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import time
 import uuid
@@ -40,6 +41,8 @@ from serving.manifest import (
 )
 from serving.registry import PointerMoved, Registry, RegistryError
 from serving.storage import is_remote, open_store
+
+logger = logging.getLogger(__name__)
 
 
 def run(config: DistillConfig) -> dict[str, Any]:
@@ -282,7 +285,7 @@ def _judge_and_publish(
     )
     write_manifest(staged, manifest)
     judge = Judge(config, labeller, window, {normalise(t) for t in trained_texts})
-    current_judged, current_calibration = judge(registry.path(current))
+    current_judged, _ = judge(registry.path(current))
     candidate_judged, calibration = judge(staged)
     decision = gate.decide(
         current_judged, candidate_judged, judge.gate_set, config.gate, judge.teacher_gold_correct
@@ -312,8 +315,8 @@ def _judge_and_publish(
         registry.publish(staged)
     result, reason = decision_result(registry, decision, candidate, current, lease, window)
     followed: dict[str, Any] = {}
-    if result == "rejected" and judge.live:  # thresholds follow the traffic
-        followed = _follow_traffic(config, registry, current, judge, current_calibration, lease)
+    if result == "rejected":  # thresholds follow the traffic
+        followed = _follow_traffic(config, registry, current, judge, labeller, lease)
         if followed.get("result") in ("recalibrated", "superseded"):
             result = followed["result"]
             reason += f"; {followed['reason']}"
@@ -343,37 +346,61 @@ def _follow_traffic(
     registry: Registry,
     current: str,
     judge: Judge,
-    calibration: Any,
+    labeller: OfflineLabels,
     lease: Lease,
 ) -> dict[str, Any]:
-    """When the current version's served agreement on the calibration split has drifted
-    from the target (95 % interval), publish its weights recalibrated on that split."""
-    drift = recalibrate.served_agreement(
-        judge.cal_records,
-        judge.cal_teacher,
-        current,
-        config.gate.target_agreement,
-        config.gate.bootstrap_draws,
-        config.gate.seed,
-    )
-    if drift is None:
-        return {}
-    evidence = {
-        **drift.as_dict(),
-        "reason": f"served agreement {drift.served} against the target "
-        f"{drift.target:.1%} on the calibration split's records that {current} served",
-    }
-    if not drift.drifted:
-        return {"result": "kept", **evidence}
-    if not lease.renew():
-        return {"result": "lease-lost", **evidence}
-    result, version = recalibrate.publish_recalibrated(registry, current, calibration, drift)
+    """When the current version's served agreement, on the calibration-split records it
+    served at its own threshold for the gate's target, has drifted from the target, publish
+    its weights recalibrated on those records. Never fails the run (it has consumed its
+    window already): a store error is reported here."""
+    target = config.gate.target_agreement
+    manifest = registry.manifest(current)
+    if manifest.calibration is None:
+        return {"result": "kept", "reason": f"{current} has no calibration to follow"}
+    try:
+        threshold = manifest.calibration.threshold(config.scorer, target_agreement=target)
+        records = recalibrate.served_records(judge.cal_records, current, threshold)
+        sampled = sum(r.reason == "audit" for r in records)
+        needed = config.eval.min_calibration_sampled
+        if sampled < max(1, needed):
+            return {
+                "result": "kept",
+                "reason": f"{sampled} sampled calibration records that {current} served at its "
+                f"threshold for the {target:.1%} target, fewer than {needed}: no evidence of drift",
+            }
+        teacher = labeller.probs(records).argmax(1)
+        drift = recalibrate.served_agreement(
+            records,
+            teacher,
+            threshold,
+            target,
+            config.gate.agreement_margin,
+            config.gate.bootstrap_draws,
+            config.gate.seed,
+        )
+        evidence = {
+            **drift.as_dict(),
+            "reason": f"served agreement {drift.served} against the target {target:.1%} "
+            f"(margin {config.gate.agreement_margin:.1%}) on the calibration split's records "
+            f"that {current} served",
+        }
+        if not drift.drifted:
+            return {"result": "kept", **evidence}
+        if not lease.renew():
+            return {"result": "lease-lost", **evidence}
+        calibration = recalibrate.recalibration(drift, teacher)
+        result, version = recalibrate.publish_recalibrated(
+            registry, current, calibration, drift, still_held=lease.renew
+        )
+    except Exception as exc:  # the store, a lease check: reported, the run stands
+        logger.warning("recalibrating %s failed: %r", current, exc)
+        return {"result": "failed", "reason": f"recalibration failed: {type(exc).__name__}: {exc}"}
     return {
         **evidence,
         "result": result,
         "version": version,
         "reason": f"{evidence['reason']}: published {version}, recalibrated on "
-        f"{calibration.source}" + ("" if result == "recalibrated" else ", not promoted"),
+        f"{calibration.source}" + ("" if result == "recalibrated" else f" ({result})"),
     }
 
 

@@ -28,13 +28,14 @@ JOB = "protege_distill"
 RESULTS = (
     "promoted",
     "rejected",
+    "recalibrated",  # nothing promoted; the current's weights republished with a new calibration
     "superseded",  # accepted, but the pointer moved during the run (a rollback): not promoted
     "lease-lost",  # another run took the lease over: nothing published
     "not-enough-evidence",
     "nothing-to-do",
     "failed",
 )
-COMPLETED = ("promoted", "rejected", "superseded")
+COMPLETED = ("promoted", "rejected", "recalibrated", "superseded")
 
 
 class Labeller(Protocol):

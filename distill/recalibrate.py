@@ -2,13 +2,20 @@
 
 A version's threshold was calibrated on the traffic of its day. When the traffic drifts,
 its cascade agrees with the teacher on more or less than the target, although nothing was
-retrained. The calibration split's records that the current version served say so: each
-was logged with its inclusion probability at the threshold it served with, so the weighted
-share of them on which the cascade agreed (an escalation always agrees; an audited input
-agrees when the student's logged answer is the teacher's) estimates the served agreement
-over all traffic. When its 95 % interval (requests resampled whole) excludes the target, a
-run that promotes nothing publishes ``<version>-r<N>``: the same weights with a calibration
-on that split, through the same compare-and-set as a promotion.
+retrained. The calibration split's records that the current version served *at the
+threshold its calibration gives for the gate's target* say so: each was logged with its
+inclusion probability, so the weighted share of them on which the cascade agreed (an input
+escalated at that threshold always agrees; a kept one agrees when the student's logged
+answer is the teacher's) estimates the served agreement over all traffic. When its 95 %
+interval (requests resampled whole) lies wholly outside ``target ± margin``, a run that
+promotes nothing publishes ``<version>-r<N>``: the same weights with a calibration on
+those same records (the version's own logged answers: the traffic since it served), through
+the same compare-and-set as a promotion.
+
+Records served at another threshold (a config that serves another target or a fixed
+threshold, a per-request override) say nothing about this calibration and are left out;
+too few sampled records of the version's own is no evidence (a new version always starts
+with few), so nothing is published.
 """
 
 from __future__ import annotations
@@ -22,49 +29,78 @@ from typing import Any
 import numpy as np
 
 from distill.estimate import Bootstrap, Estimate
+from distill.gate import make_calibration
 from distill.judge import eval_set
 from serving.escalation_log import EscalationRecord
 from serving.manifest import Calibration, read_manifest, write_manifest
 from serving.registry import PointerMoved, Registry
+from serving.scoring import should_escalate
 
 LEVEL = 0.95
 
 
 @dataclass(frozen=True)
 class Drift:
-    served: Estimate  # the cascade's agreement at the served thresholds
+    served: Estimate  # the cascade's agreement at the version's own served threshold
     target: float
+    margin: float
+    records: list[EscalationRecord]  # the evidence: the version's records at that threshold
 
     @property
     def drifted(self) -> bool:
-        return not self.served.low <= self.target <= self.served.high
+        low, high = self.target - self.margin, self.target + self.margin
+        return self.served.high < low or self.served.low > high
 
     def as_dict(self) -> dict[str, Any]:
-        return {"served_agreement": self.served.as_dict(), "target": self.target}
+        return {
+            "served_agreement": self.served.as_dict(),
+            "target": self.target,
+            "margin": self.margin,
+        }
+
+
+def served_records(
+    records: list[EscalationRecord], version: str, threshold: float
+) -> list[EscalationRecord]:
+    """The records ``version`` served at ``threshold`` (its own calibration's)."""
+    return [
+        r
+        for r in records
+        if r.student_version == version and np.isclose(r.threshold, threshold, rtol=1e-9)
+    ]
 
 
 def served_agreement(
     records: list[EscalationRecord],
     teacher_labels: np.ndarray,
-    version: str,
+    threshold: float,
     target: float,
+    margin: float,
     draws: int = 1000,
     seed: int = 0,
-) -> Drift | None:
-    """The served agreement of ``version`` on the records it served (None without a
-    sampled one: nothing is then known of its confident traffic)."""
-    mine = [i for i, r in enumerate(records) if r.student_version == version]
-    mine = [i for i in mine if records[i].reason != "forced"]  # steered: not the cascade's
-    served = [records[i] for i in mine]
-    if not any(r.reason == "audit" for r in served):
-        return None
-    student = np.array([int(np.argmax(r.student_probs)) for r in served])
-    agrees = np.array([r.reason != "audit" for r in served]) | (
-        student == np.asarray(teacher_labels)[mine]
-    )
-    records_set = eval_set(served)
+) -> Drift:
+    """The served agreement on ``records`` (one version's, at ``threshold``) with the
+    teacher's labels (indices, in the records' label order)."""
+    confidence = np.array([r.confidence for r in records], dtype=float)
+    student = np.array([int(np.argmax(r.student_probs)) for r in records])
+    agrees = should_escalate(confidence, threshold) | (student == np.asarray(teacher_labels))
+    records_set = eval_set(records)
     boot = Bootstrap(records_set.weights, records_set.sampled, draws, seed, records_set.groups)
-    return Drift(boot.estimate(agrees, LEVEL), target)
+    return Drift(boot.estimate(agrees, LEVEL), target, margin, records)
+
+
+def recalibration(drift: Drift, teacher_labels: np.ndarray) -> Calibration:
+    """The version's calibration on the drift's own records (its logged answers)."""
+    records = drift.records
+    return make_calibration(
+        np.array([r.student_probs for r in records]),
+        np.asarray(teacher_labels),
+        f"{len(records)} live records the version served at its threshold "
+        f"({sum(r.reason == 'audit' for r in records)} sampled), weighted by 1/inclusion "
+        "probability",
+        weights=np.array([1 / r.inclusion_probability for r in records]),  # type: ignore[operator]
+        kind="live_traffic",
+    )
 
 
 def next_version(version: str) -> str:
@@ -74,10 +110,15 @@ def next_version(version: str) -> str:
 
 
 def publish_recalibrated(
-    registry: Registry, current: str, calibration: Calibration, drift: Drift
+    registry: Registry,
+    current: str,
+    calibration: Calibration,
+    drift: Drift,
+    still_held: Any = lambda: True,
 ) -> tuple[str, str]:
     """Publish the current weights with ``calibration`` and move the pointer to them if it
-    still names ``current``; returns (result, version)."""
+    still names ``current`` and ``still_held()`` (the run's lease) answers True just before;
+    returns (result, version)."""
     source = registry.path(current)
     manifest = read_manifest(source)
     if manifest is None:
@@ -102,10 +143,11 @@ def publish_recalibrated(
                 }
             ),
         )
-        if not registry.exists(version):
-            registry.publish(staged)
+        registry.publish(staged)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+    if not still_held():
+        return "lease-lost", version
     try:
         registry.promote(version, expected=current)
     except PointerMoved:

@@ -92,9 +92,13 @@ def run_demo(
             print(f"\nround {number}: serving {len(texts)} stream inputs, then distilling")
             served = send(url, texts, concurrency=concurrency)
             report = distill_run(distill_config)
-            if report["result"] == "promoted":
-                local_ray.deploy_config(with_student(serve_config, report["candidate"]), Path.cwd())
-                wait_for_version(client, report["candidate"])
+            swapped = {
+                "promoted": report.get("candidate"),
+                "recalibrated": (report.get("recalibration") or {}).get("version"),
+            }.get(report["result"])
+            if swapped:  # a new student, or the same one recalibrated to the traffic
+                local_ray.deploy_config(with_student(serve_config, swapped), Path.cwd())
+                wait_for_version(client, swapped)
             serving = registry.current() or ""
             rows.append(_round_row(number, served, report, holdout.figures(registry.path(serving))))
             print_round(rows[-1])
