@@ -125,6 +125,11 @@ class GateConfig(_Strict):
     min_sampled: NonNegativeInt = Field(
         default=100, description="Fewer sampled confident gate records: not enough evidence"
     )
+    min_requests: NonNegativeInt = Field(
+        default=20,
+        description="Fewer requests holding those sampled records: not enough evidence (the "
+        "bootstrap resamples requests; a handful of them gives an interval of no width)",
+    )
     bootstrap_draws: PositiveInt = 1000
     seed: int = 0
 

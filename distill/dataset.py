@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.splits import Role, role_of
+from distill.splits import Role, normalise, role_of
 from serving.escalation_log import EscalationRecord, ReadStats, list_segments, read_from
 from serving.storage import Store
 
@@ -43,6 +43,9 @@ class Window:
     stats: ReadStats = field(default_factory=ReadStats)
     duplicates: int = 0
     unweighted_eval_dropped: int = 0  # version-1 records of the evaluation split
+    # normalised texts of every consumed training record: what the current student's
+    # lineage may have trained on (never a calibration text of the fallback)
+    consumed_texts: set[str] = field(default_factory=set)
 
     def describe(self) -> dict[str, int]:
         return {
@@ -131,5 +134,6 @@ def read_window(
         unique = list({r.record_id: r for r in records}.values())
         unique.sort(key=lambda r: r.timestamp)
         window.evaluation[role] = unique[-max_eval:]
+    window.consumed_texts = {normalise(r.text) for r in earlier}
     window.replay = random.Random(seed).sample(earlier, min(replay, len(earlier)))
     return window

@@ -186,6 +186,15 @@ def decide(
             f"fewer than min_sampled={config.min_sampled} (raise cascade.audit_fraction or "
             "serve more traffic)",
         )
+    groups = records.groups if records.groups is not None else np.arange(len(records))
+    requests = len(np.unique(np.asarray(groups)[np.asarray(records.sampled, dtype=bool)]))
+    if requests < config.min_requests:
+        return Decision(
+            False,
+            f"not enough evidence: the {sampled} sampled confident records of the gate split "
+            f"come from {requests} requests, fewer than min_requests={config.min_requests} "
+            "(records of one request are resampled together; serve more traffic)",
+        )
     boot = Bootstrap(
         records.weights, records.sampled, config.bootstrap_draws, config.seed, records.groups
     )
@@ -203,6 +212,7 @@ def decide(
     gain = None
     if current_needs <= 0:
         gain = boot.difference(candidate.agrees, current.agrees, one_sided)
+        candidate_needs = needed["candidate"][0].value
     _, served_agrees = cascade_agrees(candidate)
     served = boot.estimate(served_agrees, one_sided)
     gold_change, gold_figures = _gold(current, candidate, teacher_gold_correct, config)
@@ -226,6 +236,11 @@ def decide(
                 f"the current student needs no escalation and the candidate's own agreement "
                 f"gain {gain.value:+.1%} is not above 0 at {level:.0%} confidence (lower "
                 f"bound {gain.low:+.1%})"
+            )
+        if candidate_needs > 0:
+            failures.append(
+                f"the current student needs no escalation and the candidate needs "
+                f"{candidate_needs:.1%}"
             )
     elif drop.low <= required:
         failures.append(

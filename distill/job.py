@@ -284,7 +284,9 @@ def _judge_and_publish(
         training=training,
     )
     write_manifest(staged, manifest)
-    judge = Judge(config, labeller, window, {normalise(t) for t in trained_texts})
+    # the candidate learned this run's texts and, through its lineage, every consumed one
+    trained_on = {normalise(t) for t in trained_texts} | window.consumed_texts
+    judge = Judge(config, labeller, window, trained_on)
     current_judged, _ = judge(registry.path(current))
     candidate_judged, calibration = judge(staged)
     decision = gate.decide(

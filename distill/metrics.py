@@ -30,7 +30,7 @@ RESULTS = (
     "rejected",
     "recalibrated",  # nothing promoted; the current's weights republished with a new calibration
     "superseded",  # accepted, but the pointer moved during the run (a rollback): not promoted
-    "lease-lost",  # another run took the lease over: nothing published
+    "lease-lost",  # another run took the lease over: nothing promoted or consumed
     "not-enough-evidence",
     "nothing-to-do",
     "failed",

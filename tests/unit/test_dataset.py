@@ -145,3 +145,17 @@ def test_torn_lines_are_counted_and_never_consumed(tmp_path):
     again = window(tmp_path, result.watermark)
     assert again.new == [] and again.stats.skipped_lines == 1
     assert json.loads(json.dumps(again.describe()))["corrupt_or_torn_lines"] == 1
+
+
+def test_every_consumed_training_text_is_known_to_the_next_run(tmp_path):
+    """What the current student's lineage may have trained on: the fallback calibration
+    must leave those texts out too, not only this run's."""
+    log = tmp_path / "log"
+    writer = EscalationLogWriter(log)
+    writer.append([record(i, TRAIN[i].upper()) for i in range(5)] + [record(9, CAL[0])])
+    first = window(log)
+    assert first.consumed_texts == set()
+    writer.append([record(i, TRAIN[i]) for i in range(5, 8)])
+    second = window(log, first.watermark)
+    assert second.consumed_texts == {TRAIN[i].lower() for i in range(5)}  # normalised
+    writer.close()

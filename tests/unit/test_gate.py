@@ -75,13 +75,12 @@ def test_escalation_needed_is_what_the_calibrated_threshold_escalates():
         rng = np.random.default_rng(seed)
         n = int(rng.integers(5, 400))
         confidence = np.round(rng.random(n), 2)  # ties
-        confidence[rng.random(n) < 0.02] = np.nan
+        confidence[rng.random(n) < (0.02, 0.3, 1.0)[seed % 3]] = np.nan  # some, many, all
         agrees = rng.random(n) < 0.6 + 0.4 * np.nan_to_num(confidence)
         weights = rng.choice([1.0, 5.0, 50.0], size=n)
         target = float(rng.uniform(0.5, 1.0))
-        threshold = threshold_for_agreement(
-            np.nan_to_num(confidence, nan=-1.0), agrees, target, weights
-        )
+        threshold = threshold_for_agreement(confidence, agrees, target, weights)
+        assert not np.isnan(threshold), seed
         escalated = should_escalate(confidence, threshold)
         expected = (weights * escalated).sum() / weights.sum()
         got = escalation_needed(confidence, agrees, weights, target)
@@ -210,14 +209,45 @@ def test_when_the_current_needs_no_escalation_the_student_agreement_gain_decides
 
 
 def test_a_small_figure_needs_only_a_relative_drop():
-    """The current needs 3 % escalation; a candidate needing 1 % drops 2 points, above
-    min(1 %, 10 % x 3 %) = 0.3 %; with min_relative_drop=1 it would need 1 point."""
-    cur, cand, records = near_zero(0.94, 0.96, n=6000, seed=2)
-    config = replace_config(target_agreement=0.97)
-    decision = decide(cur, cand, records, config)
-    needs = decision.current.escalation_needed.value
-    assert decision.required_drop == pytest.approx(min(0.01, 0.1 * needs))
+    """The current needs 3 % escalation (it is wrong on its 6 % least confident inputs), the
+    candidate 2.5 %: a drop of half a point, above min(1 %, 10 % x 3 %) = 0.3 % but not
+    above the 1 point the absolute rule alone would ask."""
+    n = 20_000
+    confidence = np.random.default_rng(3).random(n)
+    current = Judged("v1", 0.035, confidence, confidence >= 0.06)
+    candidate = Judged("v2", 0.03, confidence, confidence >= 0.055)
+    records = EvalSet(np.ones(n), np.ones(n, bool))
+    decision = decide(current, candidate, records, FAST)
+    assert decision.current.escalation_needed.value == pytest.approx(0.03, abs=0.005)
+    assert decision.required_drop == pytest.approx(0.1 * decision.current.escalation_needed.value)
+    assert 0.003 < decision.escalation_drop.low < 0.01
     assert decision.promote, decision.reason
+    absolute = decide(current, candidate, records, replace_config(min_relative_drop=1.0))
+    assert absolute.required_drop == pytest.approx(0.01) and not absolute.promote
+
+
+def test_sampled_records_from_few_requests_are_not_enough_evidence():
+    """Five requests of 200 audited inputs each: every resample is one of few, the interval
+    has little width, and a handful of requests is no evidence however many records."""
+    current, candidate = unsure_and_sure(1000)
+    groups = np.arange(1000) // 200
+    few = EvalSet(np.full(1000, 5.0), np.ones(1000, bool), groups)
+    decision = decide(current, candidate, few, FAST)
+    assert not decision.promote
+    assert "come from 5 requests, fewer than min_requests=20" in decision.reason
+    many = EvalSet(np.full(1000, 5.0), np.ones(1000, bool), np.arange(1000) // 10)
+    assert decide(current, candidate, many, FAST).promote
+
+
+def test_a_candidate_needing_escalation_never_replaces_one_that_needs_none():
+    cur, _, records = near_zero(0.99, 0.99, seed=4)
+    n = len(records)
+    confidence = np.concatenate([np.full(30, np.nan), np.random.default_rng(5).random(n - 30)])
+    cand = Judged("v2", 0.0, confidence, np.ones(n, bool))  # always right, but NaNs escalate
+    decision = decide(cur, cand, records, replace_config(target_agreement=0.95))
+    assert decision.current.escalation_needed.value == 0
+    assert decision.student_agreement_gain.low > 0  # its own answers are better
+    assert not decision.promote and "the candidate needs" in decision.reason
 
 
 def test_the_gate_weighs_records_by_their_inclusion_probability():
