@@ -28,7 +28,7 @@ def test_another_scorer_is_refused_in_one_line_naming_both():
         check_scorer({"calibration": logged("margin", 3), "gate": logged("margin", 2)}, "max_prob")
     message = str(info.value)
     assert "\n" not in message
-    assert "logged with scorer 'margin' (5 of 5)" in message
+    assert "newest evaluation records were logged with scorer 'margin' (5 of 5)" in message
     assert "judges with scorer 'max_prob'" in message and "`scorer: margin`" in message
 
 
@@ -39,6 +39,16 @@ def test_a_mix_names_every_other_scorer_with_its_count():
     }
     with pytest.raises(ScorerMismatch, match=r"'entropy' \(1 of 7\), 'margin' \(2 of 7\)"):
         check_scorer(evaluation, "max_prob")
+
+
+def test_records_of_an_earlier_scorer_keep_counting_after_a_deliberate_change():
+    """Gateway and job moved to margin together: the older max_prob records are rescored
+    like any record and stay evidence; only a job left behind is refused."""
+    old = [r.model_copy(update={"timestamp": 1.0}) for r in logged("max_prob", 300)]
+    new = [r.model_copy(update={"timestamp": 2.0}) for r in logged("margin", 100, start=300)]
+    check_scorer({"calibration": old, "gate": new}, "margin")
+    with pytest.raises(ScorerMismatch, match=r"'margin' \(100 of 100\)"):
+        check_scorer({"calibration": old, "gate": new}, "max_prob")
 
 
 def test_the_job_fails_on_a_scorer_mismatch_before_any_work_and_consumes_nothing(tmp_path):
