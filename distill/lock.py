@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from serving.storage import Store
@@ -52,8 +52,8 @@ class Holder:
     pid: int
     expires_at: float  # Unix seconds
 
-    def describe(self) -> str:
-        left = self.expires_at - time.time()
+    def describe(self, now: float) -> str:
+        left = self.expires_at - now
         return f"{self.owner} (pid {self.pid} on {self.host}, lease for {left:.0f} s more)"
 
 
@@ -83,24 +83,30 @@ class Lease:
         key: str = LEASE_KEY,
         ttl_s: float = DEFAULT_TTL_S,
         host: str | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock`` gives the Unix seconds that expiries are written and read in (every
+        run sharing the lease must agree on it to within a TTL: the grace); a test passes
+        its own to move time."""
         self.store, self.key = store, key
         self.where = f"{store.uri}/{key}"
         self.ttl_s = ttl_s
         self.host = host or socket.gethostname()
         self.owner = uuid.uuid4().hex
+        self.clock = clock
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def _mine(self) -> bytes:
-        holder = Holder(self.owner, self.host, os.getpid(), time.time() + self.ttl_s)
+        holder = Holder(self.owner, self.host, os.getpid(), self.clock() + self.ttl_s)
         return json.dumps(asdict(holder)).encode()
 
     def _free(self, holder: Holder | None) -> bool:
         if holder is None or holder.owner == self.owner:
             return True
-        if holder.expires_at + self.ttl_s < time.time():
+        if holder.expires_at + self.ttl_s < self.clock():
             return True
         return holder.host == self.host and not _alive(holder.pid)
 
@@ -110,7 +116,7 @@ class Lease:
             if not self._free(holder):
                 assert holder is not None
                 raise LockedError(
-                    f"another distillation run holds {self.where}: {holder.describe()}"
+                    f"another distillation run holds {self.where}: {holder.describe(self.clock())}"
                 )
             return self._mine()
 

@@ -74,16 +74,43 @@ Values = Sequence[float] | np.ndarray
 
 def _sorted(
     confidences: Values, weights: Values | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(confidences ascending, their weights, order); unit weights when none are given."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(confidences ascending with NaN first, their weights, order, the cuts): unit weights
+    when none are given.
+
+    ``cuts[i]`` says whether escalating exactly the ``i`` lowest (``i`` in 0..n) is
+    expressible as a threshold: no tie straddles the cut, and no NaN is kept (a NaN
+    confidence escalates at any threshold, see :func:`should_escalate`).
+    """
     conf = np.asarray(confidences, dtype=float)
     if conf.size == 0:
         raise ValueError("cannot derive a threshold from an empty calibration set")
     w = np.ones_like(conf) if weights is None else np.asarray(weights, dtype=float)
     if w.shape != conf.shape or (w <= 0).any() or not np.isfinite(w).all():
         raise ValueError("calibration weights must be positive, finite, one per confidence")
-    order = np.argsort(conf, kind="stable")
-    return conf[order], w[order], order
+    nan = np.isnan(conf)
+    key = np.where(nan, -np.inf, conf)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    cuts = np.concatenate([[True], key[1:] > key[:-1], [True]])
+    cuts[: int(nan.sum())] = False
+    return conf[order], w[order], order, cuts
+
+
+ALL_NAN_THRESHOLD = float(np.nextafter(1.0, np.inf))
+"""The threshold calibrated on NaN confidences alone: above every confidence a scorer
+yields (they lie in [0, 1]), so everything escalates, and finite, so it is written into
+records and JSON as a number (``+inf`` would be written as null)."""
+
+
+def _escalating(scores: np.ndarray, i: int) -> float:
+    """The threshold that escalates exactly the ``i`` lowest of ``scores`` (sorted as
+    :func:`_sorted` sorts them, ``i`` one of its cuts): never NaN."""
+    if i < scores.size:
+        return float(scores[i])  # finite: a cut never keeps a NaN
+    if np.isnan(scores[-1]):
+        return ALL_NAN_THRESHOLD
+    return float(np.nextafter(scores[-1], np.inf))
 
 
 def threshold_for_rate(
@@ -92,17 +119,18 @@ def threshold_for_rate(
     """Smallest threshold that escalates at most ``target_rate`` of the (weighted)
     calibration inputs.
 
-    Ties are kept together: every input sharing a confidence escalates or none does.
+    Ties are kept together: every input sharing a confidence escalates or none does. A NaN
+    confidence escalates at any threshold: when the NaN inputs alone weigh more than the
+    target, the threshold escalates them and nothing else (the lowest finite confidence).
     """
     if not 0.0 <= target_rate <= 1.0:
         raise ValueError(f"target_rate must lie in [0, 1], got {target_rate}")
-    scores, w, _ = _sorted(confidences, weights)
+    scores, w, _, cuts = _sorted(confidences, weights)
     escalated_weight = np.concatenate([[0.0], np.cumsum(w)])  # escalating the i lowest
-    budget = int(np.flatnonzero(escalated_weight <= target_rate * w.sum() * (1 + 1e-12))[-1])
-    if budget >= scores.size:
-        return float(np.nextafter(scores[-1], np.inf))
-    # inputs strictly below the (budget)-th lowest score escalate: at most `budget` of them
-    return float(scores[budget])
+    within = escalated_weight <= target_rate * w.sum() * (1 + 1e-12)
+    # the largest cut within the budget, else the first cut (the NaN inputs alone)
+    allowed = np.flatnonzero(within & cuts)
+    return _escalating(scores, int(allowed[-1]) if allowed.size else int(cuts.argmax()))
 
 
 def threshold_for_agreement(
@@ -116,25 +144,19 @@ def threshold_for_agreement(
 
     An escalated input always agrees (the teacher answers it); a kept one agrees when the
     student's label equals the teacher's. Escalating the least confident inputs first,
-    the lowest threshold reaching the target is returned.
+    the lowest threshold reaching the target is returned. A NaN confidence escalates at
+    any threshold (as in :func:`should_escalate`), so NaN inputs come first and are never
+    kept; the threshold is never NaN (:data:`ALL_NAN_THRESHOLD` when every input is NaN).
     """
     if not 0.0 <= target_agreement <= 1.0:
         raise ValueError(f"target_agreement must lie in [0, 1], got {target_agreement}")
     if len(agrees) != len(confidences):
         raise ValueError("confidences and agrees must be non-empty and of equal length")
-    conf, w, order = _sorted(confidences, weights)
+    conf, w, order, cuts = _sorted(confidences, weights)
     agree = np.asarray(agrees, dtype=bool)[order]
     needed = target_agreement * w.sum() - 1e-9 * w.sum()
     # agreement when the i lowest are escalated: their weight + agreeing weight of the rest
     escalated = np.concatenate([[0.0], np.cumsum(w)])
     kept_agree = np.concatenate([np.cumsum((w * agree)[::-1])[::-1], [0.0]])
-    agreement = escalated + kept_agree
-    for i in np.flatnonzero(agreement >= needed):
-        # escalating the i lowest is only expressible if no tie straddles the cut
-        if i == 0:
-            return float(conf[0])
-        if i == conf.size:
-            return float(np.nextafter(conf[-1], np.inf))
-        if conf[i] > conf[i - 1]:
-            return float(conf[i])
-    return float(np.nextafter(conf[-1], np.inf))
+    reached = (escalated + kept_agree >= needed) & cuts  # escalating all always reaches
+    return _escalating(conf, int(reached.argmax()))

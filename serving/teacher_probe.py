@@ -14,6 +14,7 @@ returned to a caller.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -74,7 +75,10 @@ class TeacherProbe:
         running = self._task is not None and not self._task.done()
         if not running and (self._task is None or self._clock() - self._started >= self._every_s):
             self._started = self._clock()
-            self._task = asyncio.ensure_future(self._probe())
+            # an empty context, as the cascade's background tasks: Ray Serve cancels the
+            # calls a cancelled request made from its context, and the probe is shared by
+            # every caller, not one caller's child call (held in ``_task`` until done)
+            self._task = contextvars.Context().run(asyncio.create_task, self._probe())
         if not self._finished:  # no result yet: wait for the first probe (shared, shielded)
             assert self._task is not None
             return await asyncio.shield(self._task)

@@ -121,13 +121,15 @@ def store(request, tmp_path) -> Store:
 
 class Partition(Store):
     """One run's way to ``store``, cut while ``down`` is set (every call raises, as in a
-    network partition); other runs reach the store itself."""
+    network partition, and is counted in ``refused``); other runs reach the store itself."""
 
     def __init__(self, store: Store) -> None:
         self.store, self.uri, self.down = store, store.uri, threading.Event()
+        self.refused = 0
 
     def _reach(self) -> Store:
         if self.down.is_set():
+            self.refused += 1
             raise StorageError(f"object store {self.uri} did not answer within 30 s")
         return self.store
 
@@ -141,30 +143,51 @@ class Partition(Store):
         return self._reach().update(key, change)
 
 
+class Clock:
+    """The Unix time every lease of a test reads, moved by the test alone: expiries and
+    takeovers follow it, so how late a loaded machine runs a thread never decides a test
+    (renewals and their retries still run on their real timers)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000_000.0  # whole and half seconds from here add exactly
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def _holder(store: Store) -> dict:
     return json.loads(store.read(LEASE_KEY) or b"{}")
 
 
-def _cut_after_a_renewal(partition: Partition) -> float:
-    """Start the outage just after the lease was renewed; returns when it started."""
-    renewed = _holder(partition.store)["expires_at"]
-    wait_for(lambda: _holder(partition.store)["expires_at"] > renewed, timeout_s=10, every_s=0.02)
+def _cut_after_a_renewal(partition: Partition, clock: Clock) -> float:
+    """Start the outage just after the lease was renewed; returns when it started (the
+    lease then expires one TTL later, however late the renewal thread ran)."""
+    clock.now += 1.0  # less than a TTL: nothing expires
+    wait_for(lambda: _holder(partition.store)["expires_at"] == clock.now + TTL, every_s=0.02)
     partition.down.set()
-    return time.monotonic()
+    return clock.now
+
+
+def _outage(partition: Partition) -> None:
+    """Let the run's renewal thread meet the outage: it fails, and tries again."""
+    refused = partition.refused
+    wait_for(lambda: partition.refused >= refused + 2, timeout_s=10, every_s=0.02)
 
 
 def test_an_outage_of_one_and_a_half_ttl_leaves_the_lease_with_its_run(store):
-    cut = Partition(store)
-    first = Lease(cut, ttl_s=TTL, host="node-a")
+    cut, clock = Partition(store), Clock()
+    first = Lease(cut, ttl_s=TTL, host="node-a", clock=clock)
     first.acquire()
-    began = _cut_after_a_renewal(cut)
-    other = Lease(store, ttl_s=TTL, host="node-b")
-    while time.monotonic() < began + 1.5 * TTL:  # another run tries all along the outage
-        assert not _try(other)
-        time.sleep(0.1)
+    began = _cut_after_a_renewal(cut, clock)
+    other = Lease(store, ttl_s=TTL, host="node-b", clock=clock)
+    for step in range(16):  # another run tries all along the outage, which lasts 1.5 TTL
+        clock.now = began + step * 1.5 * TTL / 15
+        assert not _try(other), clock.now - began
+        if step in (0, 15):  # the renewal thread fails at the start and at the end of it
+            _outage(cut)
+    assert clock.now == began + 1.5 * TTL
     cut.down.clear()
-    expires = _holder(store)["expires_at"]
-    wait_for(lambda: _holder(store)["expires_at"] > expires, timeout_s=10)  # renewing again
+    wait_for(lambda: _holder(store)["expires_at"] == clock.now + TTL, timeout_s=10)  # renewed
     assert not _try(other)
     assert first.renew() and not first.lost.is_set()
     assert _holder(store)["owner"] == first.owner
@@ -179,16 +202,21 @@ def test_an_outage_of_three_ttl_loses_the_lease_and_the_watermark_never_moves_ba
         registry.publish(staged_version(tmp_path, v))
     registry.promote("seed")
     assert write_watermark(store, {"segment-1": 100}, read={})
-    cut = Partition(store)
-    first = Lease(cut, ttl_s=TTL, host="node-a")
+    cut, clock = Partition(store), Clock()
+    first = Lease(cut, ttl_s=TTL, host="node-a", clock=clock)
     first.acquire()
     read = read_watermark(store)  # the first run's window: 100 up to 120
     window = Window(new=[], replay=[], watermark={"segment-1": 120}, read=read)
-    began = _cut_after_a_renewal(cut)
-    second = Lease(store, ttl_s=TTL, host="node-b")
-    wait_for(lambda: _try(second), timeout_s=10)  # taken over once expiry and grace passed
+    began = _cut_after_a_renewal(cut, clock)
+    second = Lease(store, ttl_s=TTL, host="node-b", clock=clock)
+    clock.now = began + 2 * TTL  # expired a TTL ago: the grace is not over
+    _outage(cut)
+    assert not _try(second)
+    clock.now = began + 2 * TTL + 0.5
+    assert _try(second)  # taken over once expiry and grace passed
     assert write_watermark(store, {"segment-1": 150}, read_watermark(store))  # it consumes
-    time.sleep(max(0.0, began + 3 * TTL - time.monotonic()))  # the outage lasts 3 TTL
+    clock.now = began + 3 * TTL  # the outage lasts 3 TTL
+    _outage(cut)
     cut.down.clear()
     wait_for(first.lost.is_set, timeout_s=10)  # renewal kept trying, and found the new owner
     assert first.renew() is False  # what the run asks just before it publishes

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from serving.scoring import (
+    ALL_NAN_THRESHOLD,
     SCORERS,
     get_scorer,
     should_escalate,
@@ -167,3 +168,72 @@ def test_invalid_weights_raise(weights):
         threshold_for_rate(confidences, 0.3, weights)
     with pytest.raises(ValueError, match="weights"):
         threshold_for_agreement(confidences, agrees, 0.9, weights)
+
+
+def test_nan_confidences_escalate_first_in_the_agreement_threshold():
+    """A NaN confidence escalates at any threshold, so its disagreement costs nothing."""
+    confidences = [0.3, 0.6, 0.9, np.nan]
+    agrees = [True, True, True, False]
+    assert threshold_for_agreement(confidences, agrees, 1.0) == 0.3  # only the NaN escalates
+    # a disagreeing finite input still needs its own escalation, the NaN comes with it
+    assert threshold_for_agreement([np.nan, 0.2, 0.5], [True, False, True], 1.0) == 0.5
+
+
+def test_nan_confidences_count_against_the_rate_budget():
+    confidences = [np.nan, 0.1, np.nan, 0.2, 0.3]
+    assert threshold_for_rate(confidences, 0.8) == 0.3  # the NaNs, 0.1 and 0.2
+    assert threshold_for_rate(confidences, 0.6) == 0.2  # the NaNs and 0.1
+    assert threshold_for_rate(confidences, 0.4) == 0.1  # the NaNs: exactly the budget
+    # the NaNs alone exceed the budget: nothing but them escalates
+    assert threshold_for_rate(confidences, 0.2) == 0.1
+    assert threshold_for_rate(confidences, 0.0) == 0.1
+    assert threshold_for_rate(confidences, 1.0) == np.nextafter(0.3, 1.0)
+
+
+def test_all_nan_calibration_escalates_everything_with_a_finite_threshold():
+    confidences = np.full(4, np.nan)
+    thresholds = [threshold_for_rate(confidences, r) for r in (0.0, 0.5, 1.0)] + [
+        threshold_for_agreement(confidences, [True, False, True, True], t) for t in (0.0, 1.0)
+    ]
+    for threshold in thresholds:
+        assert threshold == ALL_NAN_THRESHOLD
+        assert np.isfinite(threshold) and threshold > 1.0  # any scorer's confidence escalates
+        assert should_escalate(np.array([0.0, 1.0, np.nan]), threshold).all()
+
+
+def nan_calibration(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tied confidences, a seed-dependent share of them NaN, weights as a log's."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 120))
+    confidences = np.round(rng.uniform(size=n), 1)
+    confidences[rng.uniform(size=n) < (0.05, 0.3, 0.8, 1.0)[seed % 4]] = np.nan
+    agrees = rng.uniform(size=n) < 0.5 + 0.5 * np.nan_to_num(confidences)
+    return confidences, agrees, rng.choice([1.0, 5.0], size=n)
+
+
+def candidate_thresholds(confidences: np.ndarray) -> np.ndarray:
+    """Every distinct escalation a threshold can make, each at its lowest threshold."""
+    finite = np.unique(confidences[~np.isnan(confidences)])
+    if finite.size == 0:
+        return np.array([ALL_NAN_THRESHOLD])
+    return np.append(finite, np.nextafter(finite[-1], np.inf))
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_thresholds_with_nan_match_a_search_through_should_escalate(seed):
+    """The thresholds are what a brute-force search finds when escalation is judged by the
+    serving rule itself (NaN escalates), and never NaN."""
+    confidences, agrees, weights = nan_calibration(seed)
+    candidates = candidate_thresholds(confidences)
+    escalated = np.array([(weights * should_escalate(confidences, t)).sum() for t in candidates])
+    agreeing = np.array(
+        [(weights * (should_escalate(confidences, t) | agrees)).sum() for t in candidates]
+    )
+    total = weights.sum()
+    for rate in (0.0, 0.1, 0.3, 0.6, 0.9, 1.0):
+        within = np.flatnonzero(escalated <= rate * total * (1 + 1e-12))
+        expected = candidates[within[-1]] if within.size else candidates[0]
+        assert threshold_for_rate(confidences, rate, weights) == expected, rate
+    for target in (0.0, 0.5, 0.8, 0.9, 0.97, 1.0):
+        expected = candidates[np.flatnonzero(agreeing >= (target - 1e-9) * total)[0]]
+        assert threshold_for_agreement(confidences, agrees, target, weights) == expected, target

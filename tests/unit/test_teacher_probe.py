@@ -3,6 +3,7 @@ teacher gets at most one call per probe interval, and no answer carries an excep
 A fake clock moves time; the cascade (``CascadeService``) is the real one."""
 
 import asyncio
+import contextvars
 import logging
 
 import pytest
@@ -157,3 +158,36 @@ def test_an_unreachable_teacher_is_a_fixed_reason_its_error_only_logged(caplog):
 
     asyncio.run(scenario())
     assert SECRET in caplog.text  # for the operator, in the replica's log
+
+
+CALLER = contextvars.ContextVar("caller", default=None)  # stands for Serve's request context
+
+
+class SeenBy:
+    """Notes the caller each call runs in (the probe's info call, then its teacher call)."""
+
+    def __init__(self, call) -> None:
+        self.call, self.seen = call, []
+
+    async def __call__(self, *args, **kwargs):
+        self.seen.append(CALLER.get())
+        return await self.call(*args, **kwargs)
+
+
+def test_the_probe_runs_in_a_fresh_context_not_its_callers():
+    """Ray Serve cancels the calls a cancelled request made from its context: the probe,
+    shared by every caller, must not be one of them."""
+
+    async def scenario():
+        teacher, details = SeenBy(Teacher()), SeenBy(Details())
+        service = cascade(teacher)
+        await service.ask_teacher(["traffic"])  # failing: the probe also asks the teacher
+        teacher.seen.clear()
+        probe = TeacherProbe(service, details, unready_after_s=30, clock=Clock())
+        CALLER.set("request-1")
+        await probe.readiness("s1")
+        await drain()
+        assert CALLER.get() == "request-1"  # the caller's own context is untouched
+        assert details.seen == [None] and teacher.seen == [None]
+
+    asyncio.run(scenario())
