@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -85,6 +92,19 @@ class EscalationRecord(BaseModel):
     teacher_probs: list[float] | None = None
     teacher_label: str | None = None
     gold_label: str | None = None
+
+    @field_validator("confidence", mode="before")
+    @classmethod
+    def _nan_confidence(cls, value: object) -> object:
+        # JSON has no NaN: a NaN confidence (always escalated) is written as null
+        return float("nan") if value is None else value
+
+    @field_validator("student_probs", "teacher_probs", mode="before")
+    @classmethod
+    def _nan_probs(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [float("nan") if v is None else v for v in value]
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> EscalationRecord:

@@ -436,3 +436,20 @@ def test_a_line_torn_by_a_real_kill_is_skipped_and_counted(tmp_path):
     ids = [r.record_id for r in iter_records(folder, stats)]
     assert ids[:3] == ["rec1", "rec2", "rec3"] and len(ids) == len(set(ids))
     assert stats.skipped_lines == 1 and "torn line" in stats.skipped_reasons[0]
+
+
+def test_a_nan_confidence_is_logged_and_read_back(tmp_path):
+    """A model that answers NaN escalates (NaN is never trusted); JSON has no NaN, so the
+    record is written with null and must read back, not be skipped as corrupt."""
+    import math
+
+    nan = float("nan")
+    writer = EscalationLogWriter(tmp_path)
+    writer.append(
+        [record(0).model_copy(update={"confidence": nan, "student_probs": [nan, nan, nan]})]
+    )
+    writer.close()
+    stats = ReadStats()
+    (back,) = list(iter_records(tmp_path, stats))
+    assert stats.skipped_lines == 0
+    assert math.isnan(back.confidence) and all(math.isnan(p) for p in back.student_probs)
