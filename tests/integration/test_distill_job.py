@@ -3,6 +3,7 @@ writes it (escalations with the teacher's answer, a uniform sample of confident 
 without it), then runs that promote, reject, refuse on too little evidence and find
 nothing to do."""
 
+import functools
 import random
 from pathlib import Path
 
@@ -21,18 +22,26 @@ from serving.registry import Registry
 pytestmark = pytest.mark.integration
 
 
+@functools.cache
+def scored(cache: Path, n: int) -> tuple[list[str], np.ndarray, np.ndarray, float, dict]:
+    """Both models' answers on ``n`` stream inputs, computed once for the module's tests
+    (each writes its own log from them)."""
+    teacher = Classifier(cache / "models" / "teacher", device="cpu")
+    student = Classifier(cache / "models" / "student", device="cpu")
+    threshold = resolve_threshold(CascadeConfig(), student.manifest).value
+    examples = random.Random(n).sample(bbc.read_split(cache / "data", "stream_sentences"), n)
+    texts = [e.text for e in examples]
+    versions = {"teacher": teacher.version, "student": student.version}
+    return texts, teacher.predict(texts).probs, student.predict(texts).probs, threshold, versions
+
+
 def write_log(
     cache: Path, log: Path, n: int, *, audit_fraction: float = 0.8, scramble: bool = False
 ) -> None:
     """What the gateway would log serving ``n`` stream inputs with the seed student;
     ``scramble`` makes the teacher's distributions random: a log that can only teach the
     student nonsense."""
-    teacher = Classifier(cache / "models" / "teacher", device="cpu")
-    student = Classifier(cache / "models" / "student", device="cpu")
-    threshold = resolve_threshold(CascadeConfig(), student.manifest).value
-    examples = random.Random(n).sample(bbc.read_split(cache / "data", "stream_sentences"), n)
-    texts = [e.text for e in examples]
-    t_probs, s_probs = teacher.predict(texts).probs, student.predict(texts).probs
+    texts, t_probs, s_probs, threshold, versions = scored(cache, n)
     if scramble:
         t_probs = np.random.default_rng(0).dirichlet(np.full(5, 0.2), size=n).astype(np.float32)
     rng = random.Random(1)
@@ -49,12 +58,12 @@ def write_log(
                 reason="low_confidence" if escalate else "audit",
                 inclusion_probability=1.0 if escalate else audit_fraction,
                 labels=bbc.LABELS,
-                student_version=student.version,
+                student_version=versions["student"],
                 student_probs=s,
                 scorer="max_prob",
                 confidence=float(s.max()),
                 threshold=threshold,
-                teacher={"probs": t.tolist(), "version": teacher.version} if escalate else None,
+                teacher={"probs": t.tolist(), "version": versions["teacher"]} if escalate else None,
                 teacher_status="answered" if escalate else "skipped",
             )
         )
