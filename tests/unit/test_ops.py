@@ -39,6 +39,7 @@ def test_run_counts_come_from_the_run_reports(tmp_path):
         "failed": 1,
         "unreadable": 1,
         "superseded": 0,
+        "recalibrated": 0,
         "lease-lost": 0,
         "nothing-to-do": 0,
         "not-enough-evidence": 0,
