@@ -201,23 +201,28 @@ def _job_config(a: Path, uri: str) -> DistillConfig:
             "min_records": 50,
             "device": "cpu",
             "train": {
-                "epochs": 2,
+                "epochs": 3,
                 "batch_size": 16,
-                "lr_encoder": 5e-5,
+                "lr_encoder": 1e-4,
                 "lr_head": 2e-3,
                 "workers": 2,
                 "placement_strategy": "STRICT_SPREAD",  # one worker on each node
             },
             "replay": {"earlier_records": 50},
             "eval": {"share": 0.5, "min_calibration_sampled": 30},
-            # wide margins: this test is about the machinery across nodes (the lite pair's
-            # gate on ~350 records is judged in tests/integration/test_distill_job.py); with
-            # 6 points, one run in two or three was rejected on gold accuracy's lower bound
+            # a permissive gate: this test is about the machinery across nodes; the gate is
+            # tested as a statistic in tests/unit/test_gate.py and judged on the lite pair in
+            # tests/integration/test_distill_job.py. On ~130 sampled records a candidate a
+            # point or two better is not shown better at 95 % (one run: +1.6 points, bound
+            # -5.0), so here any candidate whose drop is more likely positive than not passes
             "gate": {
                 "target_agreement": 0.95,
                 "min_sampled": 30,
-                "agreement_margin": 0.15,
-                "gold_margin": 0.15,
+                "confidence": 0.55,
+                "min_drop": 0.0,
+                "min_relative_drop": 0.0,
+                "agreement_margin": 1.0,
+                "gold_margin": 1.0,
             },
         }
     )
