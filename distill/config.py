@@ -19,9 +19,9 @@ from pydantic import (
     ValidationError,
 )
 
-from serving import defaults
-from serving.scoring import ScorerName
-from serving.storage import StoreURI, is_remote
+from serving.classify.scorers import ScorerName
+from serving.contracts import defaults
+from serving.contracts.storage import StoreURI, is_remote
 
 
 class _Strict(BaseModel):

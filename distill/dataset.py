@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.splits import Role, normalise, role_of
-from serving.escalation_log import EscalationRecord, ReadStats, list_segments, read_from
-from serving.storage import Store
+from serving.contracts.records import EscalationRecord, ReadStats, list_segments, read_from
+from serving.contracts.storage import Store
 
 WATERMARK_NAME = "watermark.json"
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from serving.scoring import get_scorer
+from serving.classify.scorers import get_scorer
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.evaluate import predict_all
-from serving.classifier import Classifier
+from serving.classify.classifier import Classifier
 
 
 def texts_key(texts: list[str]) -> str:

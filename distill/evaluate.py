@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from serving.classifier import Classifier
-from serving.scoring import should_escalate
+from serving.classify.classifier import Classifier
+from serving.contracts.threshold import should_escalate
 
 
 def predict_all(

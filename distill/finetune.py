@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.losses import distillation_loss
-from serving import defaults
+from serving.contracts import defaults
 
 
 @dataclass(frozen=True)

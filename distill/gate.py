@@ -36,8 +36,10 @@ import numpy as np
 from distill.config import GateConfig
 from distill.estimate import Bootstrap, Estimate
 from distill.needed import escalation_needed
-from serving.manifest import Calibration
-from serving.scoring import SCORERS, should_escalate
+from serving.classify.scorers import SCORERS
+from serving.contracts.manifest import Calibration
+from serving.contracts.manifest import make_calibration as calibration_from
+from serving.contracts.threshold import should_escalate
 
 
 @dataclass(frozen=True)
@@ -139,15 +141,14 @@ def make_calibration(
     weights: np.ndarray | None = None,
     kind: str = "traffic_sample",
 ) -> Calibration:
-    """A version's calibration: confidences under every scorer, agreement, weights."""
-    return Calibration(
-        source=source,
-        kind=kind,  # type: ignore[arg-type]
-        confidences={
-            name: [round(float(c), 6) for c in fn(student)] for name, fn in SCORERS.items()
-        },
-        agrees_with_teacher=(student.argmax(1) == teacher_labels).tolist(),
-        weights=None if weights is None else [round(float(w), 6) for w in weights],
+    """A classification version's calibration from its probabilities: confidences under
+    every scorer, agreement with the teacher's labels, weights."""
+    return calibration_from(
+        {name: fn(student) for name, fn in SCORERS.items()},
+        student.argmax(1) == teacher_labels,
+        source,
+        weights=weights,
+        kind=kind,
     )
 
 

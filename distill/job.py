@@ -30,17 +30,17 @@ from distill.offline_labels import OfflineLabels
 from distill.scorer_check import check_scorer
 from distill.splits import check_share, normalise
 from distill.tables import read_labelled
-from serving import meanpool
-from serving.classifier import Classifier, pick_device
-from serving.log_shipping import fetch_shipped
-from serving.manifest import (
+from serving.classify import meanpool
+from serving.classify.classifier import Classifier, pick_device
+from serving.contracts.log_shipping import fetch_shipped
+from serving.contracts.manifest import (
     DefaultTarget,
     ModelManifest,
     weights_digest,
     write_manifest,
 )
-from serving.registry import PointerMoved, Registry, RegistryError
-from serving.storage import is_remote, open_store
+from serving.contracts.registry import PointerMoved, Registry, RegistryError
+from serving.contracts.storage import is_remote, open_store
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from distill.evaluate import predict_all
 from distill.offline_labels import OfflineLabels
 from distill.splits import normalise
 from distill.tables import read_labelled, read_texts
-from serving.classifier import Classifier
-from serving.escalation_log import EscalationRecord
-from serving.manifest import Calibration
-from serving.scoring import get_scorer
+from serving.classify.classifier import Classifier
+from serving.classify.scorers import get_scorer
+from serving.contracts.manifest import Calibration
+from serving.contracts.records import EscalationRecord
 
 
 def request_groups(records: list[EscalationRecord]) -> np.ndarray:

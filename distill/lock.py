@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from serving.storage import Store
+from serving.contracts.storage import Store
 
 logger = logging.getLogger(__name__)
 DEFAULT_TTL_S = 60.0

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
-from serving.escalation_log import EscalationRecord
+from serving.contracts.records import EscalationRecord
 
 logger = logging.getLogger(__name__)
 JOB = "protege_distill"

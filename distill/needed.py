@@ -8,7 +8,7 @@ threshold is found again within each resample, as calibration would find it on t
 sample, so the in-sample optimism of calibrating and measuring on the same records is in
 every draw and cancels when two students are compared on the same draws.
 
-The rule is :func:`serving.scoring.threshold_for_agreement`'s: escalate the least confident
+The rule is :func:`serving.classify.scorers.threshold_for_agreement`'s: escalate the least confident
 inputs first, ties together (a threshold cannot split equal confidences), until the
 weighted agreement (escalated inputs agree: the teacher answers them) reaches the target. A
 NaN confidence always escalates, as in serving.

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from distill.evaluate import predict_all
-from serving.classifier import Classifier
-from serving.escalation_log import EscalationRecord
+from serving.classify.classifier import Classifier
+from serving.contracts.records import EscalationRecord
 
 
 class OfflineLabels:

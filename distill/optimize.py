@@ -21,13 +21,12 @@ import numpy as np
 from distill.eval_sets import cached_probs
 from distill.evaluate import predict_all
 from distill.gate import make_calibration
-from serving.cascade import resolve_threshold
-from serving.classifier import Classifier
-from serving.config import CascadeConfig
-from serving.manifest import DefaultTarget, ModelManifest, read_manifest, write_manifest
-from serving.onnx_runtime import Runtime
-from serving.registry import PointerMoved, Registry
-from serving.scoring import get_scorer, should_escalate
+from serving.classify.classifier import Classifier
+from serving.classify.onnx_runtime import Runtime
+from serving.classify.scorers import get_scorer
+from serving.contracts.manifest import DefaultTarget, ModelManifest, read_manifest, write_manifest
+from serving.contracts.registry import PointerMoved, Registry
+from serving.contracts.threshold import FixedTarget, resolve_threshold, should_escalate
 
 AGREEMENT_BOUND = 0.995
 MIN_SPEEDUP = 1.05  # at batch 1; at batch 32 it must not be slower
@@ -133,7 +132,7 @@ def optimize_student(
         calibration = make_calibration(
             probs, teacher_labels, f"traffic sample: {len(texts)} inputs"
         )
-        rule = CascadeConfig(scorer=scorer, **target.model_dump())
+        rule = FixedTarget(scorer=scorer, **target.model_dump())
         served = resolve_threshold(rule, draft.model_copy(update={"calibration": calibration}))
         base_threshold = resolve_threshold(rule, manifest).value
         scores = get_scorer(scorer)

@@ -30,11 +30,12 @@ from distill.evaluate import accuracy
 from distill.gate import make_calibration
 from distill.tables import read_labelled, read_texts, write_jsonl
 from distill.task import TaskError, TaskSpec
-from serving import meanpool
-from serving.classifier import Classifier
-from serving.manifest import DefaultTarget, ModelManifest, weights_digest, write_manifest
-from serving.registry import Registry
-from serving.scoring import SCORERS, should_escalate, threshold_for_agreement
+from serving.classify import meanpool
+from serving.classify.classifier import Classifier
+from serving.classify.scorers import SCORERS
+from serving.contracts.manifest import DefaultTarget, ModelManifest, weights_digest, write_manifest
+from serving.contracts.registry import Registry
+from serving.contracts.threshold import should_escalate, threshold_for_agreement
 
 TABLE_TARGETS = (0.90, 0.95, 0.97, 0.98, 0.99, 1.0)
 

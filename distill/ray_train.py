@@ -36,7 +36,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from serving import meanpool
+    from serving.classify import meanpool
 
     meanpool.register()
     context = ray.train.get_context()
@@ -167,7 +167,7 @@ def _storage(uri: str, s3_endpoint: str | None) -> tuple[str, Any]:
         return uri, None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from serving.storage import ObjectStore
+    from serving.contracts.storage import ObjectStore
 
     store = ObjectStore(uri, s3_endpoint)
     return uri.removeprefix("s3://"), PyFileSystem(FSSpecHandler(store.fs))

@@ -31,10 +31,10 @@ import numpy as np
 from distill.estimate import Bootstrap, Estimate
 from distill.gate import make_calibration
 from distill.judge import eval_set
-from serving.escalation_log import EscalationRecord
-from serving.manifest import Calibration, read_manifest, write_manifest
-from serving.registry import PointerMoved, Registry
-from serving.scoring import should_escalate
+from serving.contracts.manifest import Calibration, read_manifest, write_manifest
+from serving.contracts.records import EscalationRecord
+from serving.contracts.registry import PointerMoved, Registry
+from serving.contracts.threshold import should_escalate
 
 LEVEL = 0.95
 

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from distill.splits import Role
-from serving.escalation_log import EscalationRecord
+from serving.contracts.records import EscalationRecord
 
 
 class ScorerMismatch(ValueError):

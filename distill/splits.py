@@ -13,7 +13,7 @@ import json
 import unicodedata
 from typing import Literal
 
-from serving.storage import Store
+from serving.contracts.storage import Store
 
 Role = Literal["train", "calibration", "gate"]
 

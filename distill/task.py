@@ -7,7 +7,7 @@
     gold: data/gold.csv                  # optional: `text`, `label`
 
 Labels come from the teacher's ``id2label``. Relative paths are read from the task file's
-folder (``workdir``, when not given, is ``var/tasks/<name>`` under the current folder). Everything else has a default (``serving.defaults``). ``protege init TASK.yaml``
+folder (``workdir``, when not given, is ``var/tasks/<name>`` under the current folder). Everything else has a default (``serving.contracts.defaults``). ``protege init TASK.yaml``
 checks the pair, calibrates the seed student on the traffic sample and writes what
 serving and distillation need into ``workdir``.
 """
@@ -25,8 +25,8 @@ from pydantic import (
     ValidationError,
 )
 
-from serving import defaults
-from serving.scoring import SCORERS, ScorerName
+from serving.classify.scorers import SCORERS, ScorerName
+from serving.contracts import defaults
 
 
 class TaskError(ValueError):

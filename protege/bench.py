@@ -40,11 +40,11 @@ from protege.gateway_process import (
 from protege.traffic import send
 from serving import local_ray
 from serving.access import steering_key
-from serving.classifier import Classifier
+from serving.classify.classifier import Classifier
 from serving.client import ProtegeClient
-from serving.defaults import SCORER
-from serving.manifest import read_manifest
-from serving.registry import Registry
+from serving.contracts.defaults import SCORER
+from serving.contracts.manifest import read_manifest
+from serving.contracts.registry import Registry
 
 BENCH_PORT, PLAIN_PORT, METRICS_PORT = 8200, 8300, 8281
 TEACHER_ALONE = "/teacher-alone"

@@ -14,8 +14,9 @@ import numpy as np
 
 from distill.evaluate import predict_all
 from distill.optimize import rate
-from serving.classifier import Classifier
-from serving.scoring import get_scorer, should_escalate
+from serving.classify.classifier import Classifier
+from serving.classify.scorers import get_scorer
+from serving.contracts.threshold import should_escalate
 
 BATCH_SIZES = (1, 32)
 

@@ -26,11 +26,12 @@ from protege import bbc
 from protege.bbc import sample
 from protege.default_models import build_defaults
 from protege.gateway_process import load_serve_config, running_gateway, with_student
-from serving import local_ray, meanpool
+from serving import local_ray
 from serving.access import steering_key
+from serving.classify import meanpool
 from serving.client import ProtegeClient
-from serving.manifest import read_manifest, weights_digest, write_manifest
-from serving.registry import Registry
+from serving.contracts.manifest import read_manifest, weights_digest, write_manifest
+from serving.contracts.registry import Registry
 
 PORT = 8210
 

@@ -168,7 +168,7 @@ def _demo_spread(args: argparse.Namespace) -> int:
 
 def _gate_curve(args: argparse.Namespace) -> int:
     from protege import gate_simulation
-    from serving import defaults
+    from serving.contracts import defaults
 
     try:
         page = _docs_target(args.docs, GATE_DOCS, "gate-curve")

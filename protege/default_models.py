@@ -50,9 +50,9 @@ from distill.tables import write_jsonl
 from distill.task import load_task
 from protege import bbc
 from protege.packages import minilm_folder, mpnet_folder
-from serving import meanpool
-from serving.classifier import pick_device
-from serving.onnx_runtime import Runtime
+from serving.classify import meanpool
+from serving.classify.classifier import pick_device
+from serving.classify.onnx_runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -221,8 +221,8 @@ def optimize_defaults(cache: Path, runtime: Runtime) -> dict[str, object]:
     from distill.config import load_distill_config
     from distill.optimize import optimize_student, optimize_teacher
     from distill.tables import read_texts
-    from serving.classifier import Classifier
-    from serving.registry import Registry
+    from serving.classify.classifier import Classifier
+    from serving.contracts.registry import Registry
 
     config = load_distill_config(cache / "distill.yaml")
     assert config.traffic is not None

@@ -32,7 +32,7 @@ from protege.gateway_process import (
 from protege.traffic import send
 from serving import local_ray
 from serving.client import ProtegeClient
-from serving.registry import Registry
+from serving.contracts.registry import Registry
 
 DEMO_AUDIT_FRACTION = 0.5  # so each round's gate rests on a hundred or more sampled records
 DEMO_EVAL_SHARE = 0.5

@@ -16,10 +16,10 @@ import numpy as np
 from distill.eval_sets import cached_probs
 from distill.evaluate import bootstrap_interval, cascade_figures, escalation_needed
 from protege import bbc
-from serving.cascade import resolve_threshold
-from serving.classifier import Classifier
+from serving.classify.classifier import Classifier
+from serving.classify.scorers import get_scorer
 from serving.config import CascadeConfig
-from serving.scoring import get_scorer
+from serving.contracts.threshold import resolve_threshold
 
 
 class Holdout:

@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     from distill.job import run
     from distill.lock import LockedError
     from distill.scorer_check import ScorerMismatch
-    from serving.registry import RegistryError
+    from serving.contracts.registry import RegistryError
 
     try:
         config = _load(args)

@@ -34,7 +34,7 @@ import numpy as np
 from distill import gate
 from distill.config import GateConfig
 from distill.needed import escalation_needed
-from serving.scoring import should_escalate, threshold_for_agreement
+from serving.contracts.threshold import should_escalate, threshold_for_agreement
 
 
 @dataclass(frozen=True)

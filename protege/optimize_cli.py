@@ -14,8 +14,8 @@ def run(args: argparse.Namespace) -> int:
     from distill.config import load_distill_config
     from distill.optimize import optimize_student, optimize_teacher
     from distill.tables import TableError, read_texts
-    from serving.classifier import Classifier
-    from serving.registry import Registry, RegistryError
+    from serving.classify.classifier import Classifier
+    from serving.contracts.registry import Registry, RegistryError
 
     try:
         config = load_distill_config(args.config)

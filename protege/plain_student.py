@@ -13,8 +13,8 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from serving.cascade import decide, make_output
-from serving.classifier import Classifier
+from serving.classify.classifier import Classifier
+from serving.classify.decision import decide, make_output
 from serving.schemas import ClassifyRequest, ClassifyResponse
 
 

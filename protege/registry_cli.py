@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from serving.registry import ANY, Registry, RegistryError
-from serving.storage import StorageError
+from serving.contracts.registry import ANY, Registry, RegistryError
+from serving.contracts.storage import StorageError
 
 DEFAULT_REGISTRY = "var/cache/registry"
 

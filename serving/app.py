@@ -15,14 +15,14 @@ from pydantic import ValidationError
 from ray.serve import Application
 from transformers import AutoConfig
 
-from serving import meanpool
 from serving.access import load_keys
-from serving.cascade import resolve_threshold
+from serving.classify import meanpool
+from serving.classify.teacher import Teacher
 from serving.config import GatewayConfig
+from serving.contracts.manifest import read_manifest
+from serving.contracts.threshold import resolve_threshold
 from serving.gateway import Gateway
 from serving.hot_swap import import_loader
-from serving.manifest import read_manifest
-from serving.teacher import Teacher
 
 
 class ConfigError(ValueError):

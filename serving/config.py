@@ -16,12 +16,12 @@ from pydantic import (
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
+    field_validator,
     model_validator,
 )
 
-from serving import defaults
-from serving.scoring import SCORERS, ScorerName
-from serving.storage import StoreURI
+from serving.contracts import defaults
+from serving.contracts.storage import StoreURI
 
 DEFAULT_MAX_INPUTS = 64
 DEFAULT_MAX_CHARS = 4000
@@ -41,7 +41,10 @@ class ModelSpec(_Strict):
 
 
 class CascadeConfig(_Strict):
-    scorer: ScorerName = Field(default=defaults.SCORER, description=f"One of {sorted(SCORERS)}")
+    scorer: str = Field(
+        default=defaults.SCORER,
+        description="A classification scorer: max_prob, margin or neg_entropy",
+    )
     threshold: float | None = Field(
         default=None, ge=0, le=1, description="Escalate when confidence < threshold"
     )
@@ -64,6 +67,13 @@ class CascadeConfig(_Strict):
         "distillation job asks the teacher in batch; online: ask the teacher now, off the "
         "response path",
     )
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, name: str) -> str:
+        from serving.classify.scorers import known_scorer  # the kind's, only when validating
+
+        return known_scorer(name)
 
     @model_validator(mode="after")
     def _one_rule(self) -> CascadeConfig:
@@ -198,7 +208,7 @@ class GatewayConfig(_Strict):
         "to the version it names (unless user_config pins one)",
     )
     student_loader: str = Field(
-        default="serving.hot_swap:load_student",
+        default="serving.classify.student:load_student",
         description="module:function that loads, validates and calibrates a student version "
         "(the seam for other model formats)",
     )

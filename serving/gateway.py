@@ -4,7 +4,7 @@ The student runs inside the ingress replica so that a request the student keeps 
 proxy hop and no handle call (each hop costs milliseconds of CPU on a small machine);
 concurrent requests are batched by ``serving.batcher`` (a batch forms when the model is
 free). Only escalated inputs cross to the teacher deployment, one handle call a request. The routes are in ``serving.http_api`` (behind
-``serving.guard``), the cascade's orchestration in ``serving.service``; this class wires
+``serving.guard``), the cascade's orchestration in ``serving.classify.service``; this class wires
 them to Ray: the batched student, the teacher handle, hot swaps and the serving gauges.
 """
 
@@ -23,15 +23,15 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.access import gatekeeper
 from serving.batcher import Batcher
+from serving.classify.service import Answer, CascadeService, Routing, StudentRow
 from serving.config import GatewayConfig, SwapRequest
+from serving.contracts.registry import Registry
 from serving.follow import PointerFollower
 from serving.hot_swap import ActiveStudent, Loader, StudentSlot, import_loader, without_paths
 from serving.http_api import Readiness, build_api
 from serving.log_sink import LogSink
 from serving.metrics import GatewayMetrics
-from serving.registry import Registry
 from serving.schemas import ModelInfo, ModelsResponse, SwapStatus
-from serving.service import Answer, CascadeService, Routing, StudentRow
 from serving.teacher_probe import TeacherProbe
 
 logger = logging.getLogger("ray.serve")

@@ -25,19 +25,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-import numpy as np
-
-from serving.cascade import ThresholdRule, resolve_threshold
-from serving.classifier import Classifier
 from serving.config import CascadeConfig
+from serving.contracts.manifest import ModelManifest
+from serving.contracts.threshold import ThresholdRule, resolve_threshold
 
 logger = logging.getLogger("ray.serve")
+DEFAULT_LOADER = "serving.classify.student:load_student"
+
+
+class StudentModel(Protocol):
+    """What the slot needs of a loaded student, whatever its kind."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def manifest(self) -> ModelManifest | None: ...
 
 
 @dataclass(frozen=True)
 class ActiveStudent:
-    model: Classifier
+    model: Any  # a StudentModel of the cascade's kind (a Classifier, a LanguageModel...)
     rule: ThresholdRule
 
     @property
@@ -56,7 +65,9 @@ class SwapStats:
     history: list[str] = field(default_factory=list)
 
 
-Loader = Callable[[Path, CascadeConfig, str, "int | None", "list[str] | None"], ActiveStudent]
+Loader = Callable[[Path, Any, str, "int | None", "list[str] | None"], ActiveStudent]
+"""(folder, the cascade's config, device, max tokens, the labels served or None) to the
+loaded, validated student; raises with the reason when it is unfit."""
 
 
 def import_loader(path: str) -> Loader:
@@ -69,27 +80,6 @@ def import_loader(path: str) -> Loader:
     if not callable(loader):
         raise ValueError(f"student_loader {path!r} is not callable")
     return loader
-
-
-def load_student(
-    folder: Path,
-    cascade: CascadeConfig,
-    device: str,
-    max_tokens: int | None,
-    labels: list[str] | None,
-) -> ActiveStudent:
-    """Load, validate and calibrate one student version; raises with the reason if unfit."""
-    model = Classifier(folder, device=device, max_tokens=max_tokens)
-    if labels is not None and model.labels != labels:
-        raise ValueError(f"labels {model.labels} differ from the serving labels {labels}")
-    probs = model.predict(["warm-up input", "a second, longer warm-up input for the batch"]).probs
-    if probs.shape != (2, len(model.labels)) or not np.isfinite(probs).all():
-        raise ValueError(
-            f"warm-up produced {probs.shape} outputs, expected (2, {len(model.labels)})"
-        )
-    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
-        raise ValueError("warm-up probabilities do not sum to 1")
-    return ActiveStudent(model, resolve_threshold(cascade, model.manifest))
 
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\",:]+")
@@ -111,7 +101,7 @@ class StudentSlot:
         on_result: Callable[[str, float], None] | None = None,
     ):
         self.active = initial
-        self._loader = loader or load_student
+        self._loader = loader or import_loader(DEFAULT_LOADER)
         self._on_result = on_result or (lambda result, seconds: None)
         self.stats = SwapStats(history=[initial.version])
         self._cascade, self._device, self._max_tokens = cascade, device, max_tokens
@@ -178,7 +168,11 @@ class StudentSlot:
         began = time.perf_counter()
         try:
             candidate = self._loader(
-                folder, cascade, self._device, self._max_tokens, self.active.model.labels
+                folder,
+                cascade,
+                self._device,
+                self._max_tokens,
+                getattr(self.active.model, "labels", None),
             )
             if candidate.version != version:
                 raise ValueError(f"its folder holds version {candidate.version}, not {version}")

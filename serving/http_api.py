@@ -17,11 +17,11 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 
 from serving.access import Caller, Gatekeeper
+from serving.classify.service import Answer, Routing
 from serving.config import LimitsConfig
 from serving.errors import install_error_handlers
 from serving.guard import Guard
 from serving.schemas import ClassifyResponse, ErrorBody, ModelsResponse, request_model
-from serving.service import Answer, Routing
 
 logger = logging.getLogger("ray.serve")
 MAX_TIMEOUT_MS = 600_000

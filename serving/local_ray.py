@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from serving.storage import is_remote
+from serving.contracts.storage import is_remote
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000

@@ -4,7 +4,7 @@ request because of the disk.
 An unusable folder (missing, unwritable, full) is counted, alerted on and tried again every
 few seconds; serving goes on, and the response says its records were not logged. With
 ``log.ship_to``, finished segments are shipped to shared storage in the background (see
-``serving.log_shipping``); a store that cannot be reached at start-up stops the replica
+``serving.contracts.log_shipping``); a store that cannot be reached at start-up stops the replica
 with an error naming it, a store that goes away later only delays shipping.
 """
 
@@ -18,9 +18,9 @@ import time
 from typing import Protocol
 
 from serving.config import LogConfig
-from serving.escalation_log import EscalationLogWriter, EscalationRecord
-from serving.log_shipping import SegmentShipper
-from serving.storage import open_store
+from serving.contracts.log_shipping import SegmentShipper
+from serving.contracts.records import EscalationLogWriter, EscalationRecord
+from serving.contracts.storage import open_store
 
 logger = logging.getLogger("ray.serve")
 RETRY_S = 5.0  # how often an unusable log folder is tried again

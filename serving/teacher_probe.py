@@ -29,7 +29,7 @@ PROBE_TEXT = "readiness probe"
 
 
 class TeacherState(Protocol):
-    """What the probe needs from the cascade (``serving.service.CascadeService``)."""
+    """What the probe needs from the cascade (``serving.classify.service.CascadeService``)."""
 
     teacher_failing_since: float | None
 

@@ -55,7 +55,7 @@ class S3Server:
 
     def new_bucket(self) -> str:
         """A fresh bucket; returns its name."""
-        from serving.storage import ObjectStore
+        from serving.contracts.storage import ObjectStore
 
         name = f"protege-{uuid.uuid4().hex[:12]}"
         ObjectStore(f"s3://{name}", self.endpoint).fs.mkdir(name)

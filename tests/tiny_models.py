@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from serving import meanpool
+from serving.classify import meanpool
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 

@@ -34,10 +34,10 @@ from distill.config import DistillConfig
 from protege import bbc
 from serving.access import steering_key
 from serving.client import ProtegeClient
-from serving.escalation_log import iter_records, list_segments
-from serving.log_shipping import fetch_shipped
-from serving.registry import Registry
-from serving.storage import open_store
+from serving.contracts.log_shipping import fetch_shipped
+from serving.contracts.records import iter_records, list_segments
+from serving.contracts.registry import Registry
+from serving.contracts.storage import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 PAUSE_S = 15.0  # longer than a shipping request may take (10 s): shipping fails, retries
@@ -324,7 +324,7 @@ def test_two_nodes_share_only_the_object_store(nodes, lite_cache, s3_server):
 
 def _tampered_copy(registry: Registry, version: str, scratch: Path) -> str:
     """Publish a copy of ``version`` under another id, then change its weights in the store."""
-    from serving.manifest import read_manifest, write_manifest
+    from serving.contracts.manifest import read_manifest, write_manifest
 
     staged = scratch / "tampered"
     shutil.copytree(registry.path(version), staged)

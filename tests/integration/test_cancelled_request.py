@@ -13,7 +13,7 @@ from conftest import auth, deploy_with_teacher, tiny_config, wait_for
 from faulty_teacher import FaultyTeacher
 
 from serving.config import ModelSpec
-from serving.escalation_log import iter_records
+from serving.contracts.records import iter_records
 
 pytestmark = pytest.mark.integration
 TEXTS = ["first headline", "second headline about sport", "a third one", "and a fourth"]

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from conftest import tiny_config, wait_for
 
-from serving.escalation_log import iter_records
+from serving.contracts.records import iter_records
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,12 @@ import pytest
 from distill.config import DistillConfig
 from distill.job import run
 from protege import bbc
-from serving.cascade import make_record, resolve_threshold
-from serving.classifier import Classifier
+from serving.classify.classifier import Classifier
+from serving.classify.decision import make_record
 from serving.config import CascadeConfig
-from serving.escalation_log import EscalationLogWriter
-from serving.registry import Registry
+from serving.contracts.records import EscalationLogWriter
+from serving.contracts.registry import Registry
+from serving.contracts.threshold import resolve_threshold
 
 pytestmark = pytest.mark.integration
 
@@ -188,7 +189,7 @@ def test_a_failed_run_is_reported_and_publishes_nothing(
 
 
 def test_missing_log_folder_and_empty_registry_are_clear(lite_cache, tmp_path):
-    from serving.registry import RegistryError
+    from serving.contracts.registry import RegistryError
 
     with pytest.raises(RegistryError, match="protege init"):
         run(job_config(lite_cache, tmp_path))

@@ -10,8 +10,8 @@ from conftest import steering
 from protege.bbc import LABELS
 from protege.default_models import build_defaults
 from protege.gateway_process import load_serve_config
-from serving.escalation_log import iter_records
-from serving.manifest import read_manifest
+from serving.contracts.manifest import read_manifest
+from serving.contracts.records import iter_records
 
 pytestmark = pytest.mark.integration
 

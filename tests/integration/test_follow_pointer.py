@@ -11,7 +11,7 @@ from test_hot_swap import Load, add_version
 
 from serving import local_ray
 from serving.client import ProtegeClient
-from serving.registry import Registry
+from serving.contracts.registry import Registry
 
 pytestmark = pytest.mark.integration
 POLL_S = 0.5

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import auth, tiny_config, wait_for
 
-from serving.classifier import Classifier
+from serving.classify.classifier import Classifier
+from serving.classify.scorers import get_scorer
 from serving.client import ProtegeClient, ProtegeError
-from serving.escalation_log import iter_records
-from serving.scoring import get_scorer
+from serving.contracts.records import iter_records
 
 pytestmark = pytest.mark.integration
 

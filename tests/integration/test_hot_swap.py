@@ -13,8 +13,8 @@ from tiny_models import build_tiny
 
 from serving import local_ray
 from serving.client import ProtegeClient
-from serving.manifest import ModelManifest, weights_digest, write_manifest
-from serving.registry import Registry
+from serving.contracts.manifest import ModelManifest, weights_digest, write_manifest
+from serving.contracts.registry import Registry
 
 pytestmark = pytest.mark.integration
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]

@@ -16,8 +16,8 @@ from protege.cli import main
 from protege.traffic import send
 from serving import local_ray
 from serving.client import ProtegeClient
-from serving.escalation_log import iter_records
-from serving.registry import Registry
+from serving.contracts.records import iter_records
+from serving.contracts.registry import Registry
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ from protege.gateway_process import with_student
 from serving import local_ray
 from serving.app import build_app
 from serving.client import ProtegeClient
-from serving.manifest import ModelManifest, weights_digest, write_manifest
-from serving.registry import Registry
+from serving.contracts.manifest import ModelManifest, weights_digest, write_manifest
+from serving.contracts.registry import Registry
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill.finetune import TrainSettings
 from distill.ray_train import train_with_ray
-from serving import meanpool
+from serving.classify import meanpool
 
 pytestmark = pytest.mark.integration
 

@@ -18,10 +18,10 @@ from ray import serve
 from test_hot_swap import Load, add_version
 
 from serving import local_ray
+from serving.classify.teacher import Teacher
 from serving.config import ModelSpec
-from serving.escalation_log import ReadStats, iter_records
-from serving.registry import Registry
-from serving.teacher import Teacher
+from serving.contracts.records import ReadStats, iter_records
+from serving.contracts.registry import Registry
 
 pytestmark = pytest.mark.integration
 

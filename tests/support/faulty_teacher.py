@@ -9,7 +9,7 @@ from typing import Any
 
 from ray import serve
 
-from serving.classifier import Classifier
+from serving.classify.classifier import Classifier
 from serving.config import ModelSpec
 
 

@@ -4,7 +4,7 @@ exists, then loads like the real one. Replicas import it through PYTHONPATH."""
 import time
 from pathlib import Path
 
-from serving.hot_swap import load_student
+from serving.classify.student import load_student
 
 
 def load(folder, cascade, device, max_tokens, labels):

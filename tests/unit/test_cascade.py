@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from serving.cascade import decide, make_output, make_record
+from serving.classify.decision import decide, make_output, make_record
 
 PROBS = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.34, 0.33, 0.33]])
 LABELS = ["a", "b", "c"]

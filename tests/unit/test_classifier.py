@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-from serving.classifier import Classifier, pick_device
+from serving.classify.classifier import Classifier, pick_device
 
 
 def test_loads_any_hf_classifier_folder_with_its_labels(tiny_pair):
@@ -15,7 +15,7 @@ def test_loads_any_hf_classifier_folder_with_its_labels(tiny_pair):
 
 
 def test_mean_pooled_student_is_an_auto_class(tiny_pair):
-    from serving import meanpool
+    from serving.classify import meanpool
 
     meanpool.register()
     model = AutoModelForSequenceClassification.from_pretrained(tiny_pair[0])
@@ -47,8 +47,8 @@ def test_a_student_with_other_labels_is_refused_for_serving(tmp_path, tiny_pair)
     from tiny_models import LABELS, build_tiny
     from transformers import AutoConfig
 
+    from serving.classify.student import load_student
     from serving.config import CascadeConfig
-    from serving.hot_swap import load_student
 
     other = build_tiny(tmp_path / "other", seed=4, mean_pool=True)
     config = AutoConfig.from_pretrained(other)

@@ -3,11 +3,11 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from serving import defaults
 from serving.app import ConfigError, check_models, load_config
-from serving.cascade import resolve_threshold
 from serving.config import CascadeConfig, GatewayConfig
-from serving.manifest import Calibration, DefaultTarget, ModelManifest
+from serving.contracts import defaults
+from serving.contracts.manifest import Calibration, DefaultTarget, ModelManifest
+from serving.contracts.threshold import resolve_threshold
 
 
 def config(student, teacher, **cascade) -> dict:

@@ -5,8 +5,8 @@ from test_escalation_log import record, version1_line
 
 from distill.dataset import read_watermark, read_window, write_watermark
 from distill.splits import role_of
-from serving.escalation_log import EscalationLogWriter
-from serving.storage import LocalStore
+from serving.contracts.records import EscalationLogWriter
+from serving.contracts.storage import LocalStore
 
 SHARE = 0.5  # half the texts evaluate: every role shows up in a handful of texts
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serving.escalation_log import (
+from serving.contracts.records import (
     READABLE_VERSIONS,
     SCHEMA_VERSION,
     EscalationLogWriter,
@@ -155,7 +155,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 
 def test_read_from_an_offset_resumes_exactly_where_it_stopped(tmp_path):
-    from serving.escalation_log import read_from
+    from serving.contracts.records import read_from
 
     writer = EscalationLogWriter(tmp_path)
     writer.append([record(1), record(2)])
@@ -385,7 +385,7 @@ import os, sys, time
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 from test_escalation_log import record
-from serving.escalation_log import EscalationLogWriter
+from serving.contracts.records import EscalationLogWriter
 
 real_write = os.write
 def slow_halves(fd, data):  # each line reaches the kernel in two writes, far apart

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from serving.contracts.registry import RegistryError
 from serving.follow import PointerFollower
-from serving.registry import RegistryError
 
 
 def active(version: str) -> SimpleNamespace:

@@ -16,8 +16,9 @@ from distill.estimate import Bootstrap
 from distill.gate import EvalSet, Judged, decide, make_calibration
 from distill.needed import escalation_needed
 from protege import gate_simulation as sim
-from serving.manifest import Calibration
-from serving.scoring import max_probability, should_escalate, threshold_for_agreement
+from serving.classify.scorers import max_probability
+from serving.contracts.manifest import Calibration
+from serving.contracts.threshold import should_escalate, threshold_for_agreement
 
 TARGET = 0.97
 AUDIT = 0.2

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from serving.access import Gatekeeper, new_key
+from serving.classify.service import Answer, Routing
 from serving.config import LimitsConfig
 from serving.http_api import MODELS_UNAVAILABLE, Readiness, build_api
 from serving.schemas import ClassifyOutput
-from serving.service import Answer, Routing
 
 LIMITS = LimitsConfig(max_inputs=2, max_chars=10, max_body_bytes=400)
 PLAIN, PLAIN_ENTRY = new_key("plain")

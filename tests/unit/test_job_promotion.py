@@ -9,8 +9,8 @@ import pytest
 from distill.dataset import Window, read_watermark, write_watermark
 from distill.job import decision_result
 from distill.lock import run_lock
-from serving.registry import POINTER_KEY, Registry
-from serving.storage import StorageError
+from serving.contracts.registry import POINTER_KEY, Registry
+from serving.contracts.storage import StorageError
 from tests.unit.test_registry import staged_version
 
 
@@ -99,7 +99,7 @@ def test_a_watermark_moved_by_another_run_is_left_as_it_is(tmp_path):
 def test_a_registry_store_that_cannot_be_reached_is_an_error_naming_it(tmp_path):
     from distill.config import DistillConfig
     from distill.job import run
-    from serving.storage import StorageError
+    from serving.contracts.storage import StorageError
 
     config = DistillConfig(
         registry="s3://protege-unreachable/registry",

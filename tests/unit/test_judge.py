@@ -11,8 +11,8 @@ from distill.dataset import Window
 from distill.judge import Judge, request_groups
 from distill.offline_labels import OfflineLabels
 from distill.splits import normalise
-from serving.classifier import Classifier
-from serving.escalation_log import EscalationRecord
+from serving.classify.classifier import Classifier
+from serving.contracts.records import EscalationRecord
 
 TEXTS = [f"headline number {i} about {w}" for i, w in enumerate(["markets", "films"] * 30)]
 

@@ -1,6 +1,6 @@
 import random
 
-from serving.length_groups import padded_tokens, plan_groups
+from serving.classify.length_groups import padded_tokens, plan_groups
 
 
 def test_every_input_lands_in_exactly_one_group():

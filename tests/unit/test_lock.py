@@ -13,8 +13,8 @@ from test_registry import staged_version
 
 from distill.dataset import Window, read_watermark, write_watermark
 from distill.lock import LEASE_KEY, Lease, LockedError, run_lock
-from serving.registry import Registry
-from serving.storage import LocalStore, StorageError, Store, open_store
+from serving.contracts.registry import Registry
+from serving.contracts.storage import LocalStore, StorageError, Store, open_store
 
 
 def test_second_run_is_refused_while_the_first_holds_the_lease(tmp_path):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.escalation_log import EscalationLogWriter, iter_records, list_segments
-from serving.log_shipping import SegmentShipper, fetch_shipped
-from serving.storage import LocalStore, ObjectStore, open_store
+from serving.contracts.log_shipping import SegmentShipper, fetch_shipped
+from serving.contracts.records import EscalationLogWriter, iter_records, list_segments
+from serving.contracts.storage import LocalStore, ObjectStore, open_store
 from tests.unit.test_escalation_log import record
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ def test_segments_of_a_killed_writer_are_shipped_by_the_next_one(store, tmp_path
             textwrap.dedent(f"""
                 import sys, time
                 sys.path.insert(0, {str(ROOT)!r})
-                from serving.escalation_log import EscalationLogWriter
+                from serving.contracts.records import EscalationLogWriter
                 from tests.unit.test_escalation_log import record
                 writer = EscalationLogWriter({str(log)!r}, writer_id="dead")
                 writer.append([record(i) for i in range(5)])

@@ -7,7 +7,7 @@ from collections import Counter
 
 from serving import log_sink
 from serving.config import LogConfig
-from serving.escalation_log import iter_records
+from serving.contracts.records import iter_records
 from serving.log_sink import LogSink
 from tests.unit.test_escalation_log import record
 
@@ -58,7 +58,7 @@ def test_an_unusable_folder_is_counted_at_start_and_serving_goes_on(tmp_path):
 def test_a_ship_to_store_that_cannot_be_reached_at_start_is_an_error_naming_it(tmp_path):
     import pytest
 
-    from serving.storage import StorageError
+    from serving.contracts.storage import StorageError
 
     config = LogConfig(dir=tmp_path, ship_to="s3://protege-unreachable/log")
     with pytest.raises(StorageError, match="s3://protege-unreachable/log"):

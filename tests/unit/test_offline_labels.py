@@ -6,7 +6,7 @@ import numpy as np
 from test_escalation_log import record
 
 from distill.offline_labels import OfflineLabels
-from serving.classifier import Prediction
+from serving.classify.classifier import Prediction
 
 
 class FakeTeacher:

@@ -18,7 +18,7 @@ def test_a_pushgateway_that_is_down_is_a_warning_not_a_failure(tmp_path, caplog)
 
 
 def test_run_counts_come_from_the_run_reports(tmp_path):
-    from serving.registry import Registry
+    from serving.contracts.registry import Registry
 
     runs = Registry(tmp_path)
     for i, result in enumerate(["promoted", "rejected", "rejected", "failed"]):

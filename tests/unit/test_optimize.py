@@ -12,9 +12,9 @@ from tiny_models import LABELS
 from distill import optimize
 from distill.gate import make_calibration
 from distill.optimize import optimize_student, optimize_teacher, verdict
-from serving.classifier import Classifier
-from serving.manifest import DefaultTarget, ModelManifest, read_manifest, write_manifest
-from serving.registry import Registry
+from serving.classify.classifier import Classifier
+from serving.contracts.manifest import DefaultTarget, ModelManifest, read_manifest, write_manifest
+from serving.contracts.registry import Registry
 
 WORDS = [
     "the",

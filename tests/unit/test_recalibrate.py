@@ -15,10 +15,10 @@ from distill.config import DistillConfig
 from distill.job import _follow_traffic
 from distill.recalibrate import next_version, publish_recalibrated, served_agreement
 from protege import gate_simulation as sim
-from serving.escalation_log import EscalationRecord
-from serving.manifest import Calibration, ModelManifest, read_manifest, write_manifest
-from serving.registry import Registry
-from serving.scoring import should_escalate
+from serving.contracts.manifest import Calibration, ModelManifest, read_manifest, write_manifest
+from serving.contracts.records import EscalationRecord
+from serving.contracts.registry import Registry
+from serving.contracts.threshold import should_escalate
 
 TARGET = 0.97
 AUDIT = 0.2

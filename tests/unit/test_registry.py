@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from serving.manifest import ModelManifest, write_manifest
-from serving.registry import Registry, RegistryError
+from serving.contracts.manifest import ModelManifest, write_manifest
+from serving.contracts.registry import Registry, RegistryError
 
 
 def staged_version(root, version: str):
@@ -82,7 +82,7 @@ def test_version_ids_that_would_leave_the_registry_are_refused(tmp_path, bad):
 
 
 def test_promotion_is_compare_and_set(tmp_path):
-    from serving.registry import PointerMoved
+    from serving.contracts.registry import PointerMoved
 
     registry = Registry(tmp_path / "reg")
     for v in ("v1", "v2", "v3"):
@@ -110,7 +110,7 @@ def root(request, tmp_path) -> str:
 def test_concurrent_compare_and_set_promotions_let_exactly_one_through(root, tmp_path):
     import threading
 
-    from serving.registry import PointerMoved
+    from serving.contracts.registry import PointerMoved
 
     registry = Registry(root)
     versions = [f"v{i}" for i in range(9)]
@@ -158,7 +158,7 @@ def test_a_publish_that_died_before_its_marker_is_finished_by_a_retry(root, tmp_
     ``created_at``, after a publish that died once its files (manifest too) were written."""
     from pathlib import Path
 
-    from serving.registry import COMPLETE_NAME, file_hashes
+    from serving.contracts.registry import COMPLETE_NAME, file_hashes
 
     registry = Registry(root, cache_dir=tmp_path / "cache")
     first = staged_version(tmp_path / "first", "v1-onnx")

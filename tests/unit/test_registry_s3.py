@@ -11,8 +11,8 @@ import pytest
 from test_registry import staged_version
 
 from distill.lock import LockedError, run_lock
-from serving.registry import COMPLETE_NAME, CorruptVersion, Registry, RegistryError
-from serving.storage import open_store
+from serving.contracts.registry import COMPLETE_NAME, CorruptVersion, Registry, RegistryError
+from serving.contracts.storage import open_store
 
 
 def registry_at(uri, tmp_path, **kwargs) -> Registry:

@@ -10,8 +10,8 @@ from distill.dataset import read_watermark
 from distill.job import run
 from distill.scorer_check import ScorerMismatch, check_scorer
 from distill.splits import role_of
-from serving.escalation_log import EscalationLogWriter
-from serving.registry import Registry
+from serving.contracts.records import EscalationLogWriter
+from serving.contracts.registry import Registry
 
 
 def logged(scorer: str, n: int, start: int = 0) -> list:

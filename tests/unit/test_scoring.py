@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
 
-from serving.scoring import (
+from serving.classify.scorers import SCORERS, get_scorer
+from serving.contracts.threshold import (
     ALL_NAN_THRESHOLD,
-    SCORERS,
-    get_scorer,
     should_escalate,
     threshold_for_agreement,
     threshold_for_rate,

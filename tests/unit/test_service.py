@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from serving.cascade import ThresholdRule
+from serving.classify.service import CascadeService, Routing
 from serving.config import GatewayConfig
+from serving.contracts.threshold import ThresholdRule
 from serving.hot_swap import ActiveStudent
-from serving.service import CascadeService, Routing
 
 ACTIVE = ActiveStudent(SimpleNamespace(version="student-1"), ThresholdRule(0.7, "fixed 0.7"))  # type: ignore[arg-type]
 PROBS = {"sure": [0.95, 0.05], "unsure": [0.55, 0.45], "nan": [math.nan, math.nan]}

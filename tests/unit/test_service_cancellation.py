@@ -10,7 +10,7 @@ import contextvars
 import pytest
 from test_service import TEACHER, Sink, Teacher, service
 
-from serving.service import Routing
+from serving.classify.service import Routing
 
 REQUEST = contextvars.ContextVar("request", default=None)  # as Ray Serve's request context
 

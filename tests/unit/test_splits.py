@@ -80,7 +80,7 @@ def test_invalid_share_raises(share):
 
 def test_the_eval_share_is_pinned_to_a_registry(tmp_path):
     from distill.splits import check_share
-    from serving.storage import LocalStore
+    from serving.contracts.storage import LocalStore
 
     check_share(LocalStore(tmp_path), 0.2)
     check_share(LocalStore(tmp_path), 0.2)  # the same share: fine

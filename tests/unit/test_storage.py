@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from serving.storage import LocalStore, ObjectStore, StorageError, open_store
+from serving.contracts.storage import LocalStore, ObjectStore, StorageError, open_store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -97,7 +97,7 @@ def test_unknown_schemes_are_refused():
 def test_a_store_that_stops_answering_is_an_error_within_the_deadline(
     s3_uri, s3_server, monkeypatch
 ):
-    from serving import storage
+    from serving.contracts import storage
 
     store = open_store(s3_uri, attempts=1)
     store.write("a", b"1")  # at the usual deadline: a loaded machine may take seconds

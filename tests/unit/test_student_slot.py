@@ -6,9 +6,10 @@ import pytest
 from polling import wait_for
 from tiny_models import build_tiny
 
+from serving.classify.student import load_student
 from serving.config import CascadeConfig
-from serving.hot_swap import StudentSlot, import_loader, load_student
-from serving.manifest import weights_digest
+from serving.contracts.manifest import weights_digest
+from serving.hot_swap import StudentSlot, import_loader
 
 CASCADE = CascadeConfig(threshold=0.5)
 
@@ -121,7 +122,7 @@ def test_errors_shown_by_the_api_carry_no_file_system_path(slot, tmp_path):
 def test_loader_import_errors_are_clear():
     with pytest.raises(ValueError, match="cannot be imported"):
         import_loader("nowhere.module:load")
-    assert import_loader("serving.hot_swap:load_student") is load_student
+    assert import_loader("serving.classify.student:load_student") is load_student
 
 
 def test_a_refused_threshold_update_changes_nothing(slot, monkeypatch):

@@ -16,10 +16,10 @@ from tiny_models import build_tiny
 
 from distill.config import DistillConfig
 from protege.cli import main
+from serving.classify.scorers import SCORERS
 from serving.config import GatewayConfig
-from serving.manifest import ModelManifest, write_manifest
-from serving.registry import Registry
-from serving.scoring import SCORERS
+from serving.contracts.manifest import ModelManifest, write_manifest
+from serving.contracts.registry import Registry
 
 LABELS = ["billing", "technical", "account"]
 WORDS = [
@@ -360,8 +360,8 @@ def test_init_reads_parquet_traffic_and_samples_it(here, pair, capsys):
 
 
 def test_the_tasks_max_tokens_reaches_training_calibration_and_serving(here, pair, capsys):
-    from serving.classifier import Classifier
-    from serving.hot_swap import load_student
+    from serving.classify.classifier import Classifier
+    from serving.classify.student import load_student
 
     task = write_task(here, teacher=pair[1], student=pair[0], traffic=traffic(here), max_tokens=24)
     assert init(task) == 0

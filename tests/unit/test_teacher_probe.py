@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
+from serving.classify.service import CascadeService
 from serving.config import GatewayConfig
-from serving.service import CascadeService
 from serving.teacher_probe import UNAVAILABLE, TeacherProbe
 
 SECRET = "/srv/secret-models/teacher at 10.0.0.7"  # what an exception may carry

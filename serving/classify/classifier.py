@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from serving import defaults, meanpool
-from serving.length_groups import plan_groups
-from serving.manifest import ModelManifest, read_manifest, weights_digest
-from serving.onnx_runtime import OnnxForward, Runtime
+from serving.classify import meanpool
+from serving.classify.length_groups import plan_groups
+from serving.classify.onnx_runtime import OnnxForward, Runtime
+from serving.contracts import defaults
+from serving.contracts.manifest import ModelManifest, read_manifest, weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Classifier:
     @torch.inference_mode()
     def predict(self, texts: list[str]) -> Prediction:
         """Probabilities per text, in the caller's order: each text is tokenized once, and
-        the batch runs as groups of similar length (see :mod:`serving.length_groups`)."""
+        the batch runs as groups of similar length (see :mod:`serving.classify.length_groups`)."""
         if not texts:
             return Prediction(np.zeros((0, len(self.labels)), dtype=np.float32), [])
         features, truncated = self.encode(texts)

@@ -40,9 +40,9 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from serving.cascade import Decision, decide, make_output, make_record
+from serving.classify.decision import Decision, decide, make_output, make_record
 from serving.config import GatewayConfig
-from serving.escalation_log import EscalationRecord, Reason, TeacherStatus
+from serving.contracts.records import EscalationRecord, Reason, TeacherStatus
 from serving.hot_swap import ActiveStudent
 from serving.schemas import ClassifyOutput, Tier
 

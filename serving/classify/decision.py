@@ -13,43 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from serving.config import CascadeConfig
-from serving.escalation_log import EscalationRecord, Reason, TeacherStatus
-from serving.manifest import ModelManifest
+from serving.classify.scorers import get_scorer
+from serving.contracts.records import EscalationRecord, Reason, TeacherStatus
+from serving.contracts.threshold import should_escalate
 from serving.schemas import ClassifyOutput, Tier
-from serving.scoring import get_scorer, should_escalate
-
-
-@dataclass(frozen=True)
-class ThresholdRule:
-    value: float
-    description: str
-
-
-def resolve_threshold(cascade: CascadeConfig, manifest: ModelManifest | None) -> ThresholdRule:
-    """The threshold for this student version: given in the config, or derived from the
-    version's calibration for the config's target (else the target stored with it)."""
-    if cascade.threshold is not None:
-        return ThresholdRule(cascade.threshold, f"fixed threshold {cascade.threshold}")
-    rate, agreement = cascade.target_escalation_rate, cascade.target_agreement
-    if rate is None and agreement is None and manifest and manifest.default_target:
-        rate = manifest.default_target.target_escalation_rate
-        agreement = manifest.default_target.target_agreement
-    if rate is None and agreement is None:
-        raise ValueError(
-            "no threshold: set cascade.threshold, cascade.target_escalation_rate or "
-            "cascade.target_agreement (the student's protege.json records no default target)"
-        )
-    if manifest is None or manifest.calibration is None:
-        raise ValueError(
-            "cascade targets need a student with calibration data in protege.json; "
-            "this student has none, so set cascade.threshold instead"
-        )
-    value = manifest.calibration.threshold(
-        cascade.scorer, target_escalation_rate=rate, target_agreement=agreement
-    )
-    target = f"escalation rate {rate}" if rate is not None else f"teacher agreement {agreement}"
-    return ThresholdRule(value, f"calibrated for {target} on {manifest.calibration.source}")
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.scoring import threshold_for_agreement, threshold_for_rate
+from serving.contracts.threshold import threshold_for_agreement, threshold_for_rate
 
 MANIFEST_NAME = "protege.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -75,6 +77,27 @@ class Calibration(BaseModel):
         )
 
 
+def make_calibration(
+    confidences: Mapping[str, Sequence[float] | np.ndarray],
+    agrees: Sequence[bool] | np.ndarray,
+    source: str,
+    *,
+    weights: Sequence[float] | np.ndarray | None = None,
+    kind: str = "traffic_sample",
+) -> Calibration:
+    """A version's calibration from per-record figures: its confidence under every scorer,
+    whether its answer agrees with the teacher's, and each record's weight (any kind)."""
+    return Calibration(
+        source=source,
+        kind=kind,  # type: ignore[arg-type]
+        confidences={
+            name: [round(float(c), 6) for c in values] for name, values in confidences.items()
+        },
+        agrees_with_teacher=[bool(a) for a in agrees],
+        weights=None if weights is None else [round(float(w), 6) for w in weights],
+    )
+
+
 class DefaultTarget(BaseModel):
     """The threshold target recorded with a version, used when the config gives none."""
 
@@ -92,7 +115,29 @@ class ModelManifest(BaseModel):
     role: str = Field(description="'student' or 'teacher'")
     parent: str | None = None
     created_at: float
-    labels: list[str]
+    kind: Literal["classify", "generate"] = Field(
+        default="classify", description="The task kind: a label per input, or generated text"
+    )
+    labels: list[str] = Field(default_factory=list, description="classify: the label set")
+    agreement_cut: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="generate: a kept answer agrees with the teacher's when their ROUGE-L F1 "
+        "is at least this",
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, gt=0, description="generate: the longest prompt served (longer is a 400)"
+    )
+    max_new_tokens: int | None = Field(
+        default=None, gt=0, description="generate: the most new tokens an answer may have"
+    )
+    draft_min_confidence: float | None = Field(
+        default=None,
+        description="generate: below this confidence the teacher ignores the student's draft "
+        "(measured on the calibration data: such drafts are mostly rejected, costing more "
+        "than none); None: always verify the draft",
+    )
     max_tokens: int | None = Field(
         default=None,
         gt=0,

@@ -1,66 +1,46 @@
-"""Confidence scorers and the threshold rule.
+"""The one rule every kind's cascade shares, and the thresholds derived for it.
 
-A scorer maps a probability vector to a confidence in [0, 1] (higher means trust the
-student). The cascade escalates an input exactly when ``confidence < threshold``.
-Thresholds are derived from calibration scores, never hard-coded: for a target
-escalation rate (a quantile, as RouteLLM does) or for a target agreement with the teacher.
+The cascade escalates an input exactly when ``confidence < threshold`` (NaN escalates).
+Thresholds are derived from calibration scores, never hard-coded: for a target escalation
+rate (a quantile, as RouteLLM does) or for a target agreement with the teacher. They take
+per-record confidences and agreement flags, so a classification and a generation cascade
+calibrate the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Annotated
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from pydantic import AfterValidator
 
-Scorer = Callable[[np.ndarray], np.ndarray]
-"""Takes probabilities of shape (n, k) and returns confidences of shape (n,)."""
-
-
-def max_probability(probs: np.ndarray) -> np.ndarray:
-    """Top-1 probability (in [1/k, 1])."""
-    return np.clip(probs.max(axis=-1), 0.0, 1.0)
+if TYPE_CHECKING:
+    from serving.contracts.manifest import ModelManifest
 
 
-def margin(probs: np.ndarray) -> np.ndarray:
-    """Top-1 minus top-2 probability."""
-    top2 = np.sort(probs, axis=-1)[..., -2:]
-    return np.clip(top2[..., 1] - top2[..., 0], 0.0, 1.0)
+class ThresholdSettings(Protocol):
+    """What a cascade's config says about its threshold (a serve config's cascade section,
+    or :class:`FixedTarget`)."""
+
+    @property
+    def scorer(self) -> str: ...
+    @property
+    def threshold(self) -> float | None: ...
+    @property
+    def target_escalation_rate(self) -> float | None: ...
+    @property
+    def target_agreement(self) -> float | None: ...
 
 
-def negative_entropy(probs: np.ndarray) -> np.ndarray:
-    """1 - H(p) / log(k): 0 for a uniform distribution, 1 for a one-hot one."""
-    k = probs.shape[-1]
-    p = np.clip(probs, 1e-12, 1.0)
-    entropy = -(p * np.log(p)).sum(axis=-1)
-    return np.clip(1.0 - entropy / np.log(k), 0.0, 1.0)
+@dataclass(frozen=True)
+class FixedTarget:
+    """A threshold target given outside any config (the optimiser, tests)."""
 
-
-SCORERS: dict[str, Scorer] = {
-    "max_prob": max_probability,
-    "margin": margin,
-    "neg_entropy": negative_entropy,
-}
-
-
-def get_scorer(name: str) -> Scorer:
-    """The scorer registered under ``name``; unknown names list the known ones."""
-    try:
-        return SCORERS[name]
-    except KeyError:
-        known = ", ".join(sorted(SCORERS))
-        raise ValueError(f"unknown scorer {name!r}; known scorers: {known}") from None
-
-
-def known_scorer(name: str) -> str:
-    """``name`` if a scorer is registered under it (a validator for config fields)."""
-    get_scorer(name)
-    return name
-
-
-ScorerName = Annotated[str, AfterValidator(known_scorer)]
-"""A config field holding a registered scorer's name."""
+    scorer: str
+    threshold: float | None = None
+    target_escalation_rate: float | None = None
+    target_agreement: float | None = None
 
 
 def should_escalate(confidence: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
@@ -160,3 +140,35 @@ def threshold_for_agreement(
     kept_agree = np.concatenate([np.cumsum((w * agree)[::-1])[::-1], [0.0]])
     reached = (escalated + kept_agree >= needed) & cuts  # escalating all always reaches
     return _escalating(conf, int(reached.argmax()))
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    value: float
+    description: str
+
+
+def resolve_threshold(cascade: ThresholdSettings, manifest: ModelManifest | None) -> ThresholdRule:
+    """The threshold for this student version: given in the config, or derived from the
+    version's calibration for the config's target (else the target stored with it)."""
+    if cascade.threshold is not None:
+        return ThresholdRule(cascade.threshold, f"fixed threshold {cascade.threshold}")
+    rate, agreement = cascade.target_escalation_rate, cascade.target_agreement
+    if rate is None and agreement is None and manifest and manifest.default_target:
+        rate = manifest.default_target.target_escalation_rate
+        agreement = manifest.default_target.target_agreement
+    if rate is None and agreement is None:
+        raise ValueError(
+            "no threshold: set cascade.threshold, cascade.target_escalation_rate or "
+            "cascade.target_agreement (the student's protege.json records no default target)"
+        )
+    if manifest is None or manifest.calibration is None:
+        raise ValueError(
+            "cascade targets need a student with calibration data in protege.json; "
+            "this student has none, so set cascade.threshold instead"
+        )
+    value = manifest.calibration.threshold(
+        cascade.scorer, target_escalation_rate=rate, target_agreement=agreement
+    )
+    target = f"escalation rate {rate}" if rate is not None else f"teacher agreement {agreement}"
+    return ThresholdRule(value, f"calibrated for {target} on {manifest.calibration.source}")

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from serving.escalation_log import SEGMENT_GLOB, EscalationLogWriter, fsync_directory
-from serving.storage import Store
+from serving.contracts.records import SEGMENT_GLOB, EscalationLogWriter, fsync_directory
+from serving.contracts.storage import Store
 
 logger = logging.getLogger("ray.serve")
 MAX_BACKOFF_S = 60.0

@@ -6,7 +6,7 @@
     <root>/runs/<run id>.json    distillation run reports (written by distill)
 
 The root is a local folder or an object-store URI (``s3://bucket/prefix``; see
-``serving.storage``). A version is never changed or reused once published. Locally it is
+``serving.contracts.storage``). A version is never changed or reused once published. Locally it is
 published by renaming a complete staging folder into ``versions/``; on an object store its
 files are uploaded first and ``_complete.json`` last, and only a version with that marker
 exists (a publish retried after one that died before the marker finishes it). A replica
@@ -32,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving.manifest import MANIFEST_NAME, ModelManifest, read_manifest
-from serving.storage import Store, open_store
+from serving.contracts.manifest import MANIFEST_NAME, ModelManifest, read_manifest
+from serving.contracts.storage import Store, open_store
 
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A version id becomes a folder name: letters, digits, '.', '_', '-'; no path separator."""

@@ -9,7 +9,7 @@ import torch
 from ray import serve
 
 from serving.batcher import Batcher
-from serving.classifier import Classifier
+from serving.classify.classifier import Classifier
 from serving.config import BatchingConfig, ModelSpec
 from serving.metrics import Metrics
 
