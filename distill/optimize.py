@@ -89,6 +89,16 @@ def verdict(agreement: float, speedup: dict[int, float], bound: float) -> tuple[
     )
 
 
+def refuse_generative(name: str, manifest: ModelManifest) -> None:
+    """Generative versions serve on PyTorch only: the ONNX runtimes here export a
+    classifier's single forward pass, not a decode loop with its cache."""
+    if manifest.kind != "classify":
+        raise ValueError(
+            f"{name} is a generative ({manifest.kind}) version; `protege optimize` exports "
+            "classifiers to ONNX only, and generative versions are served on PyTorch"
+        )
+
+
 def optimize_student(
     registry: Registry,
     version: str,
@@ -105,6 +115,7 @@ def optimize_student(
     manifest = read_manifest(source)
     if manifest is None or manifest.calibration is None:
         raise ValueError(f"{version} has no calibration to compare decisions against")
+    refuse_generative(version, manifest)
     if manifest.runtime != "torch":
         raise ValueError(f"{version} already runs on {manifest.runtime}; optimize its parent")
     if manifest.calibration.kind != "traffic_sample":
@@ -175,6 +186,7 @@ def optimize_teacher(
     manifest: ModelManifest | None = read_manifest(folder)
     if manifest is None or manifest.runtime != "torch":
         raise ValueError(f"{folder}: needs a manifest on the torch runtime (run `protege init`)")
+    refuse_generative(str(folder), manifest)
     base = Classifier(folder, device="cpu")
     candidate = Classifier(folder, device="cpu", runtime=runtime)
     base_probs = cached_probs(base, texts, cache, "traffic") if cache else predict_all(base, texts)

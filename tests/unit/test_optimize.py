@@ -183,3 +183,19 @@ def test_a_promotion_while_optimizing_stands(seeded, tmp_path, monkeypatch):
     assert not trial.accepted and "not promoted: current is student-other" in trial.reason
     assert registry.current() == "student-other"  # the operator's promotion is not undone
     assert registry.exists("student-seed-onnx")
+
+
+def test_a_generative_version_is_refused_with_the_reason(seeded, tmp_path):
+    registry, teacher, inputs = seeded
+    seed = registry.manifest("student-seed")
+    staged = tmp_path / "generative"
+    shutil.copytree(registry.path("student-seed"), staged)
+    (staged / "_complete.json").unlink(missing_ok=True)
+    write_manifest(
+        staged, seed.model_copy(update={"version": "student-generate", "kind": "generate"})
+    )
+    registry.publish(staged)
+    with pytest.raises(ValueError, match=r"generative .* served on PyTorch"):
+        optimize_student(
+            registry, "student-generate", "onnx", inputs, teacher, "max_prob", tmp_path / "s"
+        )
