@@ -19,6 +19,7 @@ LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 CONFIDENCE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 SWAP_BUCKETS_S = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+SHARE_BUCKETS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0]
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,61 @@ SPECS = [
         "Audited inputs by whether student and teacher agreed",
         ("agreement",),
     ),
+    # the generative cascade (OpenAI-compatible chat and completions)
+    Spec(
+        "protege_generate_requests",
+        "counter",
+        "Chat and completion requests by the tier that answered (student, teacher) and "
+        "outcome (ok; degraded: the teacher failed before its first token; failed: after it; "
+        "cancelled: the client went away)",
+        ("tier", "outcome"),
+    ),
+    Spec(
+        "protege_generate_tokens",
+        "counter",
+        "Tokens generated, by the model that generated them (student, teacher); a teacher's "
+        "accepted draft tokens are the student's",
+        ("model",),
+    ),
+    Spec(
+        "protege_generate_escalations",
+        "counter",
+        "Generation requests sent to the teacher, by reason (low_confidence, audit, forced)",
+        ("reason",),
+    ),
+    Spec(
+        "protege_generate_confidence",
+        "histogram",
+        "The student's confidence per generated answer (ratio)",
+        buckets=tuple(CONFIDENCE_BUCKETS),
+    ),
+    Spec(
+        "protege_generate_first_byte_seconds",
+        "histogram",
+        "From the request to its first byte (the tier is final then), by tier",
+        ("tier",),
+        tuple(LATENCY_BUCKETS_S),
+    ),
+    Spec(
+        "protege_generate_draft_accepted_share",
+        "histogram",
+        "Share of the student's draft the teacher kept, per verified draft (ratio)",
+        buckets=tuple(SHARE_BUCKETS),
+    ),
+    Spec(
+        "protege_generate_drafts",
+        "counter",
+        "Escalated answers by what the teacher did with the student's draft (verified; "
+        "skipped: the skip rule said it was mostly wrong; none: sampling, other tokenizers, "
+        "a remote teacher)",
+        ("use",),
+    ),
+    Spec(
+        "protege_generate_teacher_seconds_saved",
+        "counter",
+        "Teacher decoding time saved by accepted draft tokens (estimated from the teacher's "
+        "measured seconds per token)",
+    ),
 ]
 
 
@@ -236,3 +292,32 @@ class GatewayMetrics(Metrics):
         self.set("protege_threshold", threshold)
         for figure, value in figures.items():
             self.set("protege_student_eval", value, figure=figure)
+
+
+class GenerationMetrics(Metrics):
+    """What the generative cascade records, one call per event (names from :data:`SPECS`)."""
+
+    def answered(
+        self,
+        tier: str,
+        outcome: str,
+        first_byte_s: float | None,
+        confidence: float,
+        reason: str | None,
+    ) -> None:
+        self.inc("protege_generate_requests", tier=tier, outcome=outcome)
+        if first_byte_s is not None:
+            self.observe("protege_generate_first_byte_seconds", first_byte_s, tier=tier)
+        if confidence == confidence:  # a NaN confidence is escalated, not observed
+            self.observe("protege_generate_confidence", confidence)
+        if reason:
+            self.inc("protege_generate_escalations", reason=reason)
+
+    def tokens(self, model: str, count: int) -> None:
+        self.inc("protege_generate_tokens", count, model=model)
+
+    def draft(self, use: str, accepted_share: float | None, seconds_saved: float) -> None:
+        self.inc("protege_generate_drafts", use=use)
+        if accepted_share is not None:
+            self.observe("protege_generate_draft_accepted_share", accepted_share)
+        self.inc("protege_generate_teacher_seconds_saved", seconds_saved)
