@@ -10,6 +10,10 @@
   server-made id, counts once).
   Version-1 records carry no inclusion probability: they may train, never evaluate.
 
+A classification job reads classification records only: a generation record in the same
+log (schema version 4, kind ``generate``) is read without its top-k, skipped and counted
+(``other_kind_records``), never an error.
+
 The watermark is, per segment file, the byte offset up to which records were consumed.
 Segments are append-only and each has one writer, so "everything after the offset" is
 exactly the new records, and a torn last line is never half-read. It moves only by
@@ -25,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.splits import Role, normalise, role_of
-from serving.contracts.records import EscalationRecord, ReadStats, list_segments, read_from
+from serving.contracts.records import (
+    EscalationRecord,
+    LogRecord,
+    ReadStats,
+    list_segments,
+    read_from,
+)
 from serving.contracts.storage import Store
 
 WATERMARK_NAME = "watermark.json"
@@ -43,6 +53,7 @@ class Window:
     stats: ReadStats = field(default_factory=ReadStats)
     duplicates: int = 0
     unweighted_eval_dropped: int = 0  # version-1 records of the evaluation split
+    other_kind: int = 0  # generation records after the watermark, skipped
     # normalised texts of every consumed training record: what the current student's
     # lineage may have trained on (never a calibration text of the fallback)
     consumed_texts: set[str] = field(default_factory=set)
@@ -55,6 +66,7 @@ class Window:
             "calibration_records": len(self.evaluation["calibration"]),
             "gate_records": len(self.evaluation["gate"]),
             "version1_eval_records_dropped": self.unweighted_eval_dropped,
+            "other_kind_records": self.other_kind,
             "corrupt_or_torn_lines": self.stats.skipped_lines,
             "segments": len(self.watermark),
         }
@@ -109,9 +121,11 @@ def read_window(
     earlier: list[EscalationRecord] = []
     for segment in list_segments(log_dir):
         done = watermark.get(segment.name, 0)
-        consumed, _ = read_from(segment, 0, ReadStats(), end=done) if done else ([], 0)
-        fresh, end = read_from(segment, done, window.stats)
+        earlier_lines, _ = read_from(segment, 0, ReadStats(), end=done) if done else ([], 0)
+        fresh_lines, end = read_from(segment, done, window.stats)
         window.watermark[segment.name] = end
+        consumed, fresh = _classified(earlier_lines), _classified(fresh_lines)
+        window.other_kind += len(fresh_lines) - len(fresh)
         for record in consumed + fresh:
             role = role_of(record.text, eval_share)
             if role != "train":
@@ -137,3 +151,9 @@ def read_window(
     window.consumed_texts = {normalise(r.text) for r in earlier}
     window.replay = random.Random(seed).sample(earlier, min(replay, len(earlier)))
     return window
+
+
+def _classified(records: list[LogRecord]) -> list[EscalationRecord]:
+    """The classification records among ``records`` (a generation record is another
+    task's: its job reads it)."""
+    return [r for r in records if isinstance(r, EscalationRecord)]

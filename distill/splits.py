@@ -4,6 +4,11 @@ A text's role never changes between runs or machines, and a retried or repeated 
 always lands on the same side, so nothing the gate judges was ever trained on. The
 evaluation share is cut in two: one half calibrates each version's threshold, the other
 judges it (calibrating and judging on the same records would flatter the candidate).
+
+The key is a record's ``split_text``: a classification record's text, a generation
+record's canonical prompt (its ``role: content`` lines without the chat template, see
+:func:`serving.contracts.generation_records.canonical_prompt`). :func:`role_of` takes
+either a text or a record of either kind.
 """
 
 from __future__ import annotations
@@ -11,11 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from typing import Literal
+from typing import Literal, Protocol
 
 from serving.contracts.storage import Store
 
 Role = Literal["train", "calibration", "gate"]
+
+
+class Keyed(Protocol):
+    """A record of either kind: what it is split by."""
+
+    @property
+    def split_text(self) -> str: ...
 
 
 SPLIT_NAME = "split.json"
@@ -47,12 +59,12 @@ def bucket(text: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def role_of(text: str, eval_share: float) -> Role:
+def role_of(key: str | Keyed, eval_share: float) -> Role:
     """``train`` for 1 - eval_share of texts; the rest split evenly between
-    ``calibration`` and ``gate``."""
+    ``calibration`` and ``gate``. ``key`` is a text or a record (its ``split_text``)."""
     if not 0.0 <= eval_share < 1.0:
         raise ValueError(f"eval_share must lie in [0, 1), got {eval_share}")
-    b = bucket(text)
+    b = bucket(key if isinstance(key, str) else key.split_text)
     if b >= eval_share:
         return "train"
     return "calibration" if b < eval_share / 2 else "gate"

@@ -15,7 +15,12 @@ skipped and counted on read, never fatal.
 Schema versions: 1 had no inclusion probability (it may train, never evaluate); 2 added it
 and ``teacher_status``; 3 adds ``request_key`` (the server's key for the request, shared by
 all its records: the bootstrap resamples requests, not inputs) and the teacher status
-``cancelled``. Readers read every version in :data:`READABLE_VERSIONS`.
+``cancelled``; 4 adds ``kind``: ``classify`` (this module's :class:`EscalationRecord`,
+otherwise unchanged) or ``generate``
+(:class:`~serving.contracts.generation_records.GenerationRecord`). A line without ``kind``
+is a classification record. Readers read every version in :data:`READABLE_VERSIONS` and both
+kinds from one log; a generation record's top-k log-probabilities (the heavy field) are
+read only when asked (``with_top_k=True``, for training).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -41,17 +47,36 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-"""Version 1 records carry no inclusion probability: they may train, never evaluate."""
-SEGMENT_GLOB = "escalations-*.jsonl"
+from serving.contracts.generation_records import GenerationRecord
+from serving.contracts.record_fields import (
+    KINDS,
+    READABLE_VERSIONS,
+    SCHEMA_VERSION,
+    Kind,
+    Reason,
+    TeacherStatus,
+    nan_from_null,
+)
 
-Reason = Literal["low_confidence", "audit", "forced"]
-TeacherStatus = Literal["answered", "failed", "timeout", "skipped", "cancelled"]
-"""Why the teacher fields are filled or empty: ``answered``; the call ``failed`` or hit its
-``timeout``; it was ``skipped`` (the bulkhead was full, or an offline audit); or the request
-was ``cancelled`` (the client went away, ``request_timeout_s``) while the input waited on it.
-Every status but ``answered`` is labelled offline by the distillation job."""
+__all__ = [
+    "KINDS",
+    "READABLE_VERSIONS",
+    "SCHEMA_VERSION",
+    "EscalationLogWriter",
+    "EscalationRecord",
+    "GenerationRecord",
+    "Kind",
+    "LogRecord",
+    "ReadStats",
+    "Reason",
+    "TeacherStatus",
+    "iter_records",
+    "iter_segment",
+    "list_segments",
+    "read_from",
+]
+
+SEGMENT_GLOB = "escalations-*.jsonl"
 
 
 class EscalationRecord(BaseModel):
@@ -60,6 +85,7 @@ class EscalationRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = SCHEMA_VERSION
+    kind: Literal["classify"] = "classify"
     record_id: str = Field(description="Made by the server, unique per logged input")
     request_id: str = Field(description="The request's id (the client's x-request-id if sent)")
     request_key: str | None = Field(
@@ -96,8 +122,7 @@ class EscalationRecord(BaseModel):
     @field_validator("confidence", mode="before")
     @classmethod
     def _nan_confidence(cls, value: object) -> object:
-        # JSON has no NaN: a NaN confidence (always escalated) is written as null
-        return float("nan") if value is None else value
+        return nan_from_null(value)
 
     @field_validator("student_probs", "teacher_probs", mode="before")
     @classmethod
@@ -128,6 +153,15 @@ class EscalationRecord(BaseModel):
     def evaluable(self) -> bool:
         """Whether the record can weigh in an estimate over the whole traffic."""
         return self.inclusion_probability is not None
+
+    @property
+    def split_text(self) -> str:
+        """What the split hash reads: the input text."""
+        return self.text
+
+
+LogRecord = EscalationRecord | GenerationRecord
+"""A record of either kind, as the reader yields them (dispatch on ``kind``)."""
 
 
 @dataclass
@@ -176,7 +210,7 @@ class EscalationLogWriter:
     def current_segment(self) -> Path:
         return self._segment.path
 
-    def append(self, records: list[EscalationRecord]) -> tuple[int, int]:
+    def append(self, records: Sequence[LogRecord]) -> tuple[int, int]:
         """Write records as whole lines, in the kernel before returning; returns the bytes
         written and the rotations made (0 or 1) by this call."""
         if not records:
@@ -301,6 +335,7 @@ class ReadStats:
     records: int = 0
     skipped_lines: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
+    kinds: Counter[str] = field(default_factory=Counter)  # records read, per kind
 
 
 def list_segments(directory: Path) -> list[Path]:
@@ -311,33 +346,42 @@ def list_segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(SEGMENT_GLOB))
 
 
-def iter_segment(path: Path, stats: ReadStats | None = None) -> Iterator[EscalationRecord]:
+def iter_segment(
+    path: Path, stats: ReadStats | None = None, *, with_top_k: bool = False
+) -> Iterator[LogRecord]:
     """Records of one segment; torn, corrupt or foreign-schema lines are skipped and counted."""
-    yield from read_from(path, 0, stats)[0]
+    yield from read_from(path, 0, stats, with_top_k=with_top_k)[0]
 
 
 def read_from(
-    path: Path, offset: int, stats: ReadStats | None = None, end: int | None = None
-) -> tuple[list[EscalationRecord], int]:
+    path: Path,
+    offset: int,
+    stats: ReadStats | None = None,
+    end: int | None = None,
+    *,
+    with_top_k: bool = False,
+) -> tuple[list[LogRecord], int]:
     """Whole lines of a segment from byte ``offset`` (to ``end``, default the file's end):
-    (records, offset after the last complete line). A torn last line is left unconsumed (its writer is gone: a restarted
-    writer opens a new segment), so it is counted each time and never half-read."""
+    (records of both kinds, offset after the last complete line). A torn last line is left
+    unconsumed (its writer is gone: a restarted writer opens a new segment), so it is
+    counted each time and never half-read.
+
+    A generation record's top-k log-probabilities are left out (never validated nor held)
+    unless ``with_top_k``: evaluation reads lean, training asks for them."""
     stats = stats if stats is not None else ReadStats()
     stats.segments += 1
-    records: list[EscalationRecord] = []
+    records: list[LogRecord] = []
     with open(path, "rb") as handle:
         handle.seek(offset)
         data = handle.read(-1 if end is None else max(0, end - offset))
     whole = data.rfind(b"\n") + 1
     for number, raw in enumerate(data[:whole].splitlines(keepends=True), start=1):
-        problem = _line_problem(raw)
-        if problem is None:
-            try:
-                records.append(EscalationRecord.model_validate_json(raw))
-                stats.records += 1
-                continue
-            except ValidationError as exc:
-                problem = f"invalid record ({exc.error_count()} errors)"
+        record, problem = _parse(raw, with_top_k)
+        if record is not None:
+            records.append(record)
+            stats.records += 1
+            stats.kinds[record.kind] += 1
+            continue
         stats.skipped_lines += 1
         stats.skipped_reasons.append(f"{path.name}@{offset}+{number}: {problem}")
     if whole < len(data):
@@ -348,18 +392,37 @@ def read_from(
     return records, offset + whole
 
 
-def iter_records(directory: Path, stats: ReadStats | None = None) -> Iterator[EscalationRecord]:
+def iter_records(
+    directory: Path, stats: ReadStats | None = None, *, with_top_k: bool = False
+) -> Iterator[LogRecord]:
     """Every readable record of every segment in ``directory``, in write order."""
     for path in list_segments(directory):
-        yield from iter_segment(path, stats)
+        yield from iter_segment(path, stats, with_top_k=with_top_k)
 
 
-def _line_problem(raw: bytes) -> str | None:
-    """Why a whole line cannot be read as a record (torn last lines are caught by the caller)."""
+def _parse(raw: bytes, with_top_k: bool) -> tuple[LogRecord | None, str]:
+    """The record on a whole line, or why it cannot be read (torn last lines are caught by
+    the caller)."""
     try:
-        version = json.loads(raw).get("schema_version")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return "corrupt line (not a JSON object)"
+        fields: Any = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        fields = None
+    if not isinstance(fields, dict):
+        return None, "corrupt line (not a JSON object)"
+    version = fields.get("schema_version")
     if version not in READABLE_VERSIONS:
-        return f"schema version {version!r}, this reader understands {READABLE_VERSIONS}"
-    return None
+        return None, f"schema version {version!r}, this reader understands {READABLE_VERSIONS}"
+    kind = fields.get("kind", "classify")
+    try:
+        if kind == "classify":
+            return EscalationRecord.model_validate_json(raw), ""
+        if kind == "generate":
+            return GenerationRecord.from_log(raw, fields, with_top_k=with_top_k), ""
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "record"
+        return None, (
+            f"invalid record of kind {kind} ({exc.error_count()} errors; first: "
+            f"{where}: {first['msg']})"
+        )
+    return None, f"kind {kind!r}, this reader understands {KINDS}"

@@ -50,7 +50,7 @@ def test_record_carries_both_distributions_and_the_teachers_label():
     rec = record()
     assert rec.teacher_status == "answered" and rec.teacher_version == "t1"
     assert rec.teacher_probs == [0.1, 0.1, 0.8] and rec.teacher_label == "c"
-    assert rec.student_probs == [0.34, 0.33, 0.33] and rec.schema_version == 3
+    assert rec.student_probs == [0.34, 0.33, 0.33] and rec.schema_version == 4
     assert rec.inclusion_probability == 0.02 and rec.evaluable
     assert rec.request_id == "client-chosen-id" and rec.request_key == "server-made-key"
 

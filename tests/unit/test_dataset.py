@@ -159,3 +159,73 @@ def test_every_consumed_training_text_is_known_to_the_next_run(tmp_path):
     second = window(log, first.watermark)
     assert second.consumed_texts == {TRAIN[i].lower() for i in range(5)}  # normalised
     writer.close()
+
+
+def prompts(role: str, n: int) -> list[str]:
+    """``n`` distinct completion prompts whose canonical prompt puts them in ``role``."""
+    found = (f"Headline for article {i}:" for i in itertools.count())
+    return list(itertools.islice((p for p in found if role_of(p, SHARE) == role), n))
+
+
+def test_a_classification_window_skips_generation_records_and_counts_them(tmp_path):
+    """One log may hold both kinds: a classification job reads its own records only, and
+    the generation records (read without their top-k) are counted, never an error."""
+    from test_generation_records import generation
+
+    writer = EscalationLogWriter(tmp_path)
+    gen = [
+        generation(10 + i, prompt=p, messages=None, timestamp=2e9 + i)  # the newest records
+        for i, p in enumerate(prompts("train", 2) + prompts("calibration", 2) + prompts("gate", 2))
+    ]
+    writer.append([record(0, TRAIN[0]), gen[0], record(1, CAL[0]), gen[2], record(2, GATE[0])])
+    writer.append(gen[1:2] + gen[3:])
+    first = window(tmp_path)
+    assert ids(first.new) == ["rec0"]
+    assert ids(first.evaluation["calibration"]) == ["rec1"]
+    assert ids(first.evaluation["gate"]) == ["rec2"]
+    assert first.other_kind == 6 and first.describe()["other_kind_records"] == 6
+    assert first.stats.kinds == {"classify": 3, "generate": 6}
+    assert first.stats.skipped_lines == 0
+    writer.append([generation(20, prompt=prompts("train", 3)[2], messages=None)])
+    second = window(tmp_path, first.watermark)  # counted once, after the watermark
+    assert second.new == [] and second.other_kind == 1
+    assert ids(second.evaluation["gate"]) == ["rec2"]
+    writer.close()
+
+
+def test_a_classification_job_on_a_mixed_log_skips_the_generation_records(tmp_path):
+    """The real job, up to the evidence check: generation records in the evaluation splits,
+    logged with a generative scorer and newer than every classification record, neither
+    crash it nor trip its scorer check."""
+    from test_generation_records import generation
+    from test_registry import staged_version
+
+    from distill.config import DistillConfig
+    from distill.job import run
+    from serving.contracts.registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    registry.publish(staged_version(tmp_path, "seed"))
+    registry.promote("seed")
+    writer = EscalationLogWriter(tmp_path / "log")
+    writer.append([record(i, TRAIN[i]) for i in range(3)] + [record(3, GATE[0])])
+    eval_prompts = prompts("calibration", 2) + prompts("gate", 2)
+    writer.append(
+        [
+            generation(10 + i, prompt=p, messages=None, timestamp=2e9)
+            for i, p in enumerate(eval_prompts)
+        ]
+    )
+    writer.close()
+    config = DistillConfig(
+        registry=str(tmp_path / "reg"),
+        log_dir=str(tmp_path / "log"),
+        teacher=tmp_path / "teacher",  # never loaded: the run stops before training
+        work_dir=tmp_path / "work",
+        min_records=1,
+        eval={"share": SHARE},
+    )
+    report = run(config)
+    assert report["result"] == "not-enough-evidence"  # no audited record in the gate split
+    assert report["window"]["new_records"] == 3 and report["window"]["gate_records"] == 1
+    assert report["window"]["other_kind_records"] == 4

@@ -54,6 +54,7 @@ def version1_line(i: int, text: str = "an old headline") -> str:
     the record id made from the request id."""
     fields = json.loads(record(i, text).model_dump_json())
     del fields["inclusion_probability"], fields["teacher_status"], fields["request_key"]
+    del fields["kind"]
     fields |= {"schema_version": 1, "record_id": f"req{i}:0"}
     return json.dumps(fields) + "\n"
 
@@ -61,7 +62,7 @@ def version1_line(i: int, text: str = "an old headline") -> str:
 def version2_line(i: int, text: str = "a headline") -> str:
     """A line as a version-2 writer wrote it: no request key."""
     fields = json.loads(record(i, text).model_dump_json())
-    del fields["request_key"]
+    del fields["request_key"], fields["kind"]
     return json.dumps(fields | {"schema_version": 2}) + "\n"
 
 
@@ -172,9 +173,10 @@ def test_read_from_an_offset_resumes_exactly_where_it_stopped(tmp_path):
     writer.close()
 
 
-def test_new_records_are_version_3_with_an_inclusion_probability_and_a_request_key():
+def test_new_records_are_version_4_with_an_inclusion_probability_and_a_request_key():
     audited = record(1, inclusion_probability=0.02, reason="audit")
-    assert audited.schema_version == SCHEMA_VERSION == 3 and READABLE_VERSIONS == (1, 2, 3)
+    assert audited.schema_version == SCHEMA_VERSION == 4 and READABLE_VERSIONS == (1, 2, 3, 4)
+    assert audited.kind == "classify" and '"kind":"classify"' in audited.model_dump_json()
     assert audited.teacher_status == "answered" and audited.evaluable
     assert audited.request_key == "key1"
     with pytest.raises(ValidationError, match="need inclusion_probability"):
@@ -228,7 +230,7 @@ def test_version_1_lines_are_still_read_but_never_evaluate(tmp_path):
     assert old.inclusion_probability is None and not old.evaluable
     assert old.teacher_status == "answered"  # a version-1 record always had the teacher's
     assert old.teacher_probs == [0.1, 0.8, 0.1] and old.teacher_label == "b"
-    assert new.schema_version == 3 and new.evaluable
+    assert new.schema_version == 4 and new.evaluable
 
 
 def test_version_2_lines_are_still_read_without_a_request_key(tmp_path):
@@ -238,7 +240,7 @@ def test_version_2_lines_are_still_read_without_a_request_key(tmp_path):
     old, new = iter_records(tmp_path, stats)
     assert stats.skipped_lines == 0
     assert old.schema_version == 2 and old.request_key is None and old.evaluable
-    assert new.schema_version == 3 and new.request_key == "key2"
+    assert new.schema_version == 4 and new.request_key == "key2"
 
 
 def test_skipped_teacher_record_round_trips_without_teacher_fields(tmp_path):
