@@ -151,7 +151,7 @@ def _swap_latency(
                     target = versions[len(swaps) % 2]
                     began = time.perf_counter()
                     local_ray.deploy_config(with_student(config, target), Path.cwd())
-                    while client.models().student.version != target:
+                    while client.model().protege.student.version != target:
                         time.sleep(0.05)
                     swaps.append(time.perf_counter() - began)
 

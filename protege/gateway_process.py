@@ -72,7 +72,7 @@ def with_student(config: dict[str, Any], version: str) -> dict[str, Any]:
 def wait_for_version(client: ProtegeClient, version: str, timeout_s: float = 300) -> None:
     """Until the gateway's student is ``version`` (a swap has landed)."""
     deadline = time.monotonic() + timeout_s
-    while client.models().student.version != version:
+    while client.model().protege.student.version != version:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the gateway did not swap to {version} in {timeout_s} s")
         time.sleep(0.5)

@@ -4,6 +4,7 @@
     with ProtegeClient("http://127.0.0.1:8000", api_key=None) as client:  # or your key
         result = client.classify(["Shares slide as oil prices jump"])
         print(result.outputs[0].label, result.outputs[0].tier)
+        print(client.model().protege.student.version)  # the classification cascade's entry
 
 It retries 502/503/504 answers and refused connections with exponential backoff (a
 replica starting or draining; at least the ``Retry-After`` an overloaded gateway sends),
@@ -21,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from serving.schemas import ClassifyResponse, ModelsResponse, Tier
+from serving.schemas import CLASSIFY_CASCADE, ClassifyResponse, ModelEntry, ModelList, Tier
 
 RETRY_STATUS = frozenset({502, 503, 504})
 
@@ -34,9 +35,14 @@ class ProtegeError(RuntimeError):
 
 
 def _body(
-    inputs: str | Sequence[str], threshold: float | None, force_tier: Tier | None
+    inputs: str | Sequence[str],
+    threshold: float | None,
+    force_tier: Tier | None,
+    model: str | None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"inputs": inputs if isinstance(inputs, str) else list(inputs)}
+    if model is not None:
+        body["model"] = model
     if threshold is not None:
         body["threshold"] = threshold
     if force_tier is not None:
@@ -68,7 +74,9 @@ def _checked(response: httpx.Response) -> Any:
         message = response.json().get("error", response.text)
     except ValueError:
         message = response.text
-    raise ProtegeError(response.status_code, message)
+    if isinstance(message, dict):  # OpenAI's shape (the OpenAI-compatible routes)
+        message = message.get("message", response.text)
+    raise ProtegeError(response.status_code, str(message))
 
 
 class ProtegeClient:
@@ -91,17 +99,24 @@ class ProtegeClient:
         threshold: float | None = None,
         force_tier: Tier | None = None,
         request_id: str | None = None,
+        model: str | None = None,
     ) -> ClassifyResponse:
         response = self._send(
             "POST",
             "/v1/classify",
-            json=_body(inputs, threshold, force_tier),
+            json=_body(inputs, threshold, force_tier, model),
             headers=_headers(request_id),
         )
         return ClassifyResponse.model_validate(_checked(response))
 
-    def models(self) -> ModelsResponse:
-        return ModelsResponse.model_validate(_checked(self._send("GET", "/v1/models")))
+    def models(self) -> ModelList:
+        """Every cascade the gateway hosts (``GET /v1/models``)."""
+        return ModelList.model_validate(_checked(self._send("GET", "/v1/models")))
+
+    def model(self, name: str = CLASSIFY_CASCADE) -> ModelEntry:
+        """The ``/v1/models`` entry of cascade ``name`` (its versions, threshold, swap state
+        under ``.protege``); a LookupError naming the hosted cascades when there is none."""
+        return self.models().entry(name)
 
     def ready(self) -> bool:
         try:
@@ -167,17 +182,24 @@ class AsyncProtegeClient:
         threshold: float | None = None,
         force_tier: Tier | None = None,
         request_id: str | None = None,
+        model: str | None = None,
     ) -> ClassifyResponse:
         response = await self._send(
             "POST",
             "/v1/classify",
-            json=_body(inputs, threshold, force_tier),
+            json=_body(inputs, threshold, force_tier, model),
             headers=_headers(request_id),
         )
         return ClassifyResponse.model_validate(_checked(response))
 
-    async def models(self) -> ModelsResponse:
-        return ModelsResponse.model_validate(_checked(await self._send("GET", "/v1/models")))
+    async def models(self) -> ModelList:
+        """Every cascade the gateway hosts (``GET /v1/models``)."""
+        return ModelList.model_validate(_checked(await self._send("GET", "/v1/models")))
+
+    async def model(self, name: str = CLASSIFY_CASCADE) -> ModelEntry:
+        """The ``/v1/models`` entry of cascade ``name``; a LookupError naming the hosted
+        cascades when there is none."""
+        return (await self.models()).entry(name)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -6,6 +6,7 @@ field has a default here and nowhere else.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -20,12 +21,18 @@ from pydantic import (
     model_validator,
 )
 
+# shared with every kind's config; re-exported here for existing imports
+from serving.config_sections import (  # noqa: F401
+    DEFAULT_SEGMENT_BYTES,
+    BatchingConfig,
+    LogConfig,
+)
 from serving.contracts import defaults
 from serving.contracts.storage import StoreURI
+from serving.schemas import CLASSIFY_CASCADE, MODEL_ID
 
 DEFAULT_MAX_INPUTS = 64
 DEFAULT_MAX_CHARS = 4000
-DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
 
 class _Strict(BaseModel):
@@ -41,6 +48,11 @@ class ModelSpec(_Strict):
 
 
 class CascadeConfig(_Strict):
+    name: str = Field(
+        default=CLASSIFY_CASCADE,
+        description="The cascade's model id: its entry on /v1/models, the `model` a "
+        "/v1/classify request may name (letters, digits, '.', '_', ':', '-'; at most 64)",
+    )
     scorer: str = Field(
         default=defaults.SCORER,
         description="A classification scorer: max_prob, margin or neg_entropy",
@@ -68,6 +80,16 @@ class CascadeConfig(_Strict):
         "response path",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _model_id(cls, name: str) -> str:
+        if not re.fullmatch(MODEL_ID, name):
+            raise ValueError(
+                f"{name!r} is not a model id: start with a letter or digit, then at most 63 "
+                "letters, digits, '.', '_', ':' or '-' (for example 'protege-classify')"
+            )
+        return name
+
     @field_validator("scorer")
     @classmethod
     def _known_scorer(cls, name: str) -> str:
@@ -91,13 +113,6 @@ class CascadeConfig(_Strict):
                 f"give at most one of threshold, target_escalation_rate, target_agreement; got {given}"
             )
         return self
-
-
-class BatchingConfig(_Strict):
-    max_batch_size: PositiveInt = Field(default=32, description="Inputs per model forward pass")
-    batch_wait_timeout_s: NonNegativeFloat = Field(
-        default=0.005, description="How long a batch waits to fill"
-    )
 
 
 class LimitsConfig(_Strict):
@@ -154,20 +169,6 @@ class OverloadConfig(_Strict):
         default=16,
         description="Online audits waiting on the teacher per replica; beyond it audits are "
         "logged for offline labelling and counted as deferred",
-    )
-
-
-class LogConfig(_Strict):
-    dir: Path = Field(default=Path("var/cache/escalations"), description="Escalation log folder")
-    max_segment_bytes: PositiveInt = Field(default=DEFAULT_SEGMENT_BYTES)
-    fsync_interval_s: PositiveFloat = Field(default=1.0)
-    ship_to: StoreURI | None = Field(
-        default=None,
-        description="Shared storage for finished segments (s3://bucket/prefix or a folder "
-        "every node mounts); unset: the log stays in `dir`",
-    )
-    ship_every_s: PositiveFloat = Field(
-        default=60.0, description="A segment is finished and shipped at least this often"
     )
 
 

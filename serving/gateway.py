@@ -11,6 +11,7 @@ them to Ray: the batched student, the teacher handle, hot swaps and the serving 
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from serving.hot_swap import ActiveStudent, Loader, StudentSlot, import_loader, 
 from serving.http_api import Readiness, build_api
 from serving.log_sink import LogSink
 from serving.metrics import GatewayMetrics
-from serving.schemas import ModelInfo, ModelsResponse, SwapStatus
+from serving.schemas import ClassifyCascadeInfo, ModelEntry, ModelInfo, ModelList, SwapStatus
 from serving.teacher_probe import TeacherProbe
 
 logger = logging.getLogger("ray.serve")
@@ -54,6 +55,7 @@ class Gateway:
             torch.set_num_threads(config.torch_threads)
         self.config = config
         self.teacher = teacher
+        self.started = int(time.time())  # a /v1/models entry's `created` without a manifest
         self.metrics = GatewayMetrics()
         self.registry = self._open_registry()
         loader = import_loader(config.student_loader)
@@ -205,11 +207,18 @@ class Gateway:
         ``teacher_unready_after_s``; the teacher is probed on a timer, never per caller."""
         return await self.teacher_probe.readiness(self.slot.active.version)
 
-    async def models(self) -> ModelsResponse:
+    def hosted(self) -> dict[str, str]:
+        return {self.config.cascade.name: "classify"}
+
+    async def models(self) -> ModelList:
+        return ModelList(data=[await self._classify_entry()])
+
+    async def _classify_entry(self) -> ModelEntry:
         teacher = await self._teacher_details()
         student = self.slot.active
         stats = self.slot.stats
-        return ModelsResponse(
+        manifest = student.model.manifest
+        info = ClassifyCascadeInfo(
             student=ModelInfo(
                 version=student.version,
                 labels=student.model.labels,
@@ -230,6 +239,11 @@ class Gateway:
                 following=self.follower.following if self.follower else "its student.path",
                 pointer=self.follower.pointer if self.follower else None,
             ),
+        )
+        return ModelEntry(
+            id=self.config.cascade.name,
+            created=int(manifest.created_at) if manifest else self.started,
+            protege=info,
         )
 
     # --- the two models -------------------------------------------------------------------

@@ -8,7 +8,9 @@ A pure ASGI middleware in front of the FastAPI app. For paths under ``/v1/`` it
   Content-Length check alone lets a chunked body through), before any JSON parsing;
 - counts every 4xx answer, whoever gave it (itself, FastAPI's validation, a route), as a
   rejected request.
-Health, readiness and the OpenAPI document stay open for probes and tools.
+Its answers are in the route's error shape (``serving.error_shape``: OpenAI's on the
+OpenAI-compatible routes). Health, readiness and the OpenAPI document stay open for probes
+and tools.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.access import AccessError, Gatekeeper
+from serving.error_shape import error_content, route_path
 
 GUARDED_PREFIX = "/v1/"
 
@@ -51,7 +54,8 @@ class Guard:
             caller = self.gatekeeper.caller(headers.get("authorization"))
         except AccessError as exc:
             extra = {"www-authenticate": 'Bearer realm="protege"'}
-            await answer(send, exc.status_code, str(exc), extra)
+            content = error_content(scope, exc.status_code, str(exc), code="invalid_api_key")
+            await answer(send, exc.status_code, content, extra)
             return
         scope.setdefault("state", {})["caller"] = caller
         try:
@@ -59,8 +63,8 @@ class Guard:
         except ClientGone:
             return  # nobody to answer, nothing to count
         if body is None:
-            limit = self.max_body_bytes
-            await answer(send, 413, f"body: more than the maximum of {limit} bytes per request")
+            message = f"body: more than the maximum of {self.max_body_bytes} bytes per request"
+            await answer(send, 413, error_content(scope, 413, message, code="body_too_large"))
             return
         await self.app(scope, replay(body, receive), send)
 
@@ -92,12 +96,6 @@ class Guard:
         return b"".join(chunks)
 
 
-def route_path(scope: Scope) -> str:
-    """The path inside the app (Serve mounts it under its route prefix, the root path)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
-
-
 def replay(body: bytes, then: Receive) -> Receive:
     """The body already read, as one message; then the connection's own messages."""
     sent = False
@@ -113,9 +111,9 @@ def replay(body: bytes, then: Receive) -> Receive:
 
 
 async def answer(
-    send: Send, status: int, message: str, headers: dict[str, str] | None = None
+    send: Send, status: int, content: dict[str, Any], headers: dict[str, str] | None = None
 ) -> None:
-    body = json.dumps({"error": message}).encode()
+    body = json.dumps(content).encode()
     raw: list[Any] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -19,9 +19,16 @@ from pydantic import BaseModel, Field
 from serving.access import Caller, Gatekeeper
 from serving.classify.service import Answer, Routing
 from serving.config import LimitsConfig
-from serving.errors import install_error_handlers
+from serving.errors import NotHosted, install_error_handlers
 from serving.guard import Guard
-from serving.schemas import ClassifyResponse, ErrorBody, ModelsResponse, request_model
+from serving.schemas import (
+    ClassifyResponse,
+    ErrorBody,
+    ModelList,
+    OpenAIError,
+    OpenAIErrorBody,
+    request_model,
+)
 
 logger = logging.getLogger("ray.serve")
 MAX_TIMEOUT_MS = 600_000
@@ -40,7 +47,11 @@ class Backend(Protocol):
 
     async def classify(self, texts: list[str], request_id: str, routing: Routing) -> Answer: ...
 
-    async def models(self) -> ModelsResponse: ...
+    async def models(self) -> ModelList: ...
+
+    def hosted(self) -> dict[str, str]:
+        """Every cascade this gateway hosts: its name (model id) to its kind."""
+        ...
 
     async def readiness(self) -> Readiness: ...
 
@@ -71,6 +82,7 @@ def classify_responses(limits: LimitsConfig, auth: bool) -> dict[int | str, dict
         408: _serve_text("Not answered within the request timeout (request_timeout_s)"),
     }
     responses[403] = _error("Routing overrides (force_tier, threshold) are not allowed")
+    responses[404] = _error("`model` names no classification cascade this gateway hosts")
     if auth:
         responses[401] = _error("No API key, or one that is not recognised")
     return responses
@@ -110,18 +122,28 @@ def _add_probes(api: FastAPI, backend: Backend) -> None:
         return JSONResponse(state.model_dump(), status_code=200 if state.status == "ready" else 503)
 
 
-def _add_models(api: FastAPI, backend: Backend, auth: list[Any], keys: bool) -> None:
-    responses: dict[int | str, dict[str, Any]] = {503: _error("The teacher is not reachable")}
-    if keys:
-        responses[401] = _error("No API key, or one that is not recognised")
+def _openai_error(description: str) -> dict[str, Any]:
+    return {"model": OpenAIErrorBody, "description": description}
 
-    @api.get("/v1/models", response_model=ModelsResponse, dependencies=auth, responses=responses)
+
+def _add_models(api: FastAPI, backend: Backend, auth: list[Any], keys: bool) -> None:
+    """OpenAI's list of models: one entry per cascade, protege's fields in ``protege``."""
+    responses: dict[int | str, dict[str, Any]] = {
+        503: _openai_error("The teacher is not reachable")
+    }
+    if keys:
+        responses[401] = _openai_error("No API key, or one that is not recognised")
+
+    @api.get("/v1/models", response_model=ModelList, dependencies=auth, responses=responses)
     async def models() -> Any:
         try:
             return await backend.models()
         except Exception:  # the teacher is not up (yet): its error is logged, never returned
             logger.warning("/v1/models: the teacher is unavailable", exc_info=True)
-            return JSONResponse({"error": MODELS_UNAVAILABLE}, status_code=503)
+            error = OpenAIError(
+                message=MODELS_UNAVAILABLE, type="server_error", code="teacher_unavailable"
+            )
+            return JSONResponse(OpenAIErrorBody(error=error).model_dump(), status_code=503)
 
 
 def _add_classify(
@@ -151,6 +173,7 @@ def _add_classify(
             ),
         ] = None,  # type: ignore[assignment]
     ) -> ClassifyResponse:
+        _check_model(backend, body.model)  # type: ignore[attr-defined]
         caller: Caller = request.scope["state"]["caller"]
         gatekeeper.check_overrides(caller, body.overrides)  # type: ignore[attr-defined]
         deadline = None
@@ -163,3 +186,10 @@ def _add_classify(
             response.headers["x-protege-tier"] = answer.outputs[0].tier
             response.headers["x-protege-model-version"] = answer.outputs[0].model_version
         return ClassifyResponse(request_id=request_id, outputs=answer.outputs, logged=answer.logged)
+
+
+def _check_model(backend: Backend, name: str | None) -> None:
+    """A ``model`` given must name a classification cascade hosted here (else a 404)."""
+    hosted = backend.hosted()
+    if name is not None and hosted.get(name) != "classify":
+        raise NotHosted(name, "classify", hosted)

@@ -19,7 +19,7 @@ LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 CONFIDENCE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 SWAP_BUCKETS_S = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
-SHARE_BUCKETS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0]
+SHARE_BUCKETS = [0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0]  # Ray takes positive boundaries only
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ from pydantic import (
 Tier = Literal["student", "teacher"]
 NOT_BLANK = r"\S"  # at least one character that is not whitespace
 MANY, ONE = "texts", "text"  # the two shapes of ``inputs`` (their tags in error locations)
+MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+"""What a cascade's name (its model id on ``/v1/models``) may be."""
+CLASSIFY_CASCADE = "protege-classify"
+"""The classification cascade's name unless ``cascade.name`` says otherwise."""
 
 
 class ClassifyRequest(BaseModel):
@@ -36,6 +40,12 @@ class ClassifyRequest(BaseModel):
     force_tier: Tier | None = Field(
         default=None,
         description="Answer every input with this tier ('teacher' is logged as forced)",
+    )
+    model: StrictStr | None = Field(
+        default=None,
+        pattern=MODEL_ID,
+        description="The classification cascade to ask (an id from GET /v1/models); one this "
+        "gateway does not host is a 404. Without it, the gateway's classification cascade",
     )
 
     @property
@@ -93,10 +103,15 @@ class ClassifyResponse(BaseModel):
     )
 
 
-class ModelInfo(BaseModel):
-    """A served model; no file-system path is shown."""
+class VersionInfo(BaseModel):
+    """A served model of any kind; no file-system path is shown."""
 
     version: str
+
+
+class ModelInfo(VersionInfo):
+    """A served classification model."""
+
     labels: list[str]
     max_tokens: int
 
@@ -114,11 +129,84 @@ class SwapStatus(BaseModel):
     )
 
 
-class ModelsResponse(BaseModel):
-    student: ModelInfo
-    teacher: ModelInfo
+class CascadeInfo(BaseModel):
+    """What every cascade's entry on ``/v1/models`` says, whatever its kind; each kind
+    narrows ``kind``, ``student`` and ``teacher`` and adds its own fields."""
+
+    kind: str = Field(description="classify or generate: the routes that serve the cascade")
+    student: VersionInfo
+    teacher: VersionInfo
     scorer: str
     threshold: float
     threshold_rule: str
     audit_fraction: float
     swap: SwapStatus
+
+
+class ClassifyCascadeInfo(CascadeInfo):
+    """A classification cascade (``POST /v1/classify``)."""
+
+    kind: Literal["classify"] = "classify"
+    student: ModelInfo
+    teacher: ModelInfo
+
+
+class GenerateCascadeInfo(CascadeInfo):
+    """A generative cascade (``POST /v1/chat/completions``, ``POST /v1/completions``)."""
+
+    kind: Literal["generate"] = "generate"
+    student: VersionInfo
+    teacher: VersionInfo
+    agreement_cut: float = Field(
+        description="A kept answer agrees with the teacher's when their ROUGE-L F1 is at least this"
+    )
+    max_prompt_tokens: int = Field(description="The longest prompt served (longer is a 400)")
+    max_new_tokens: int = Field(description="The most new tokens an answer may have")
+
+
+CascadeKindInfo = Annotated[ClassifyCascadeInfo | GenerateCascadeInfo, Field(discriminator="kind")]
+"""protege's own fields of a ``/v1/models`` entry: the common part and its kind's."""
+
+
+class ModelEntry(BaseModel):
+    """One cascade the gateway hosts, as an OpenAI model object with protege's fields inside."""
+
+    id: str = Field(description="The cascade's name: the `model` a request names")
+    object: Literal["model"] = "model"
+    created: int = Field(
+        description="Unix seconds: when the served student version was made (its manifest), "
+        "else when the replica started"
+    )
+    owned_by: str = "protege"
+    protege: CascadeKindInfo
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models`` in OpenAI's list shape: every cascade the gateway hosts."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]
+
+    def entry(self, name: str) -> ModelEntry:
+        """The entry of cascade ``name``; a LookupError naming the hosted ones otherwise."""
+        for entry in self.data:
+            if entry.id == name:
+                return entry
+        hosted = ", ".join(e.id for e in self.data) or "none"
+        raise LookupError(f"no cascade named {name!r} here; hosted: {hosted}")
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="What was wrong and what to change")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, permission_error or server_error"
+    )
+    param: str | None = Field(default=None, description="The request field at fault, if one")
+    code: str | None = Field(default=None, description="A stable machine-readable reason")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error the gateway writes on its OpenAI-compatible routes, in OpenAI's shape
+    (which OpenAI's clients read)."""
+
+    error: OpenAIError

@@ -21,7 +21,7 @@ def test_teacher_timeout_gives_degraded_student_answers(deploy, tiny_pair, tmp_p
     for output in outputs:
         assert output.degraded and output.escalated
         assert output.tier == "student"
-        assert output.model_version == client.models().student.version
+        assert output.model_version == client.model().protege.student.version
     records = list(iter_records(tmp_path))
     assert sorted(r.text for r in records) == sorted(texts)
     for record in records:
@@ -53,5 +53,5 @@ def test_an_unusable_log_folder_never_stops_serving(deploy, tiny_pair, tmp_path)
     assert [o.tier for o in outputs] == ["teacher", "teacher"] and not any(
         o.degraded for o in outputs
     )
-    assert client.models().student.version  # the replica is up and answering
+    assert client.model().protege.student.version  # the replica is up and answering
     assert blocker.read_text() == "not a folder"

@@ -44,7 +44,7 @@ def test_default_models_serve_from_the_shipped_config(lite_cache, deploy, tmp_pa
     student = read_manifest(lite_cache / "models" / "student")
     assert student is not None and student.calibration is not None
     assert student.default_target is not None
-    models = client.models()
+    models = client.model().protege
     assert models.student.version == student.version
     assert "calibrated for teacher agreement" in models.threshold_rule
     assert models.threshold == pytest.approx(

@@ -55,7 +55,7 @@ def test_replicas_follow_the_pointer_and_a_pin_holds_against_it(serve_cluster, t
         pinned_at = time.monotonic()
         wait_for(lambda: all_answers_are(load, first, pinned_at), timeout_s=120)
         assert registry.current() == second
-        swap = client.models().swap
+        swap = client.model().protege.swap
         assert swap.following == f"pinned to {first}" and swap.pointer == second
 
         local_ray.deploy_config(config, tmp_path)  # user_config {}: follow the pointer again

@@ -1,9 +1,12 @@
 """The cascade on a real local Ray Serve: decisions, tiers, versions, the log, bad input."""
 
+import time
+
 import httpx
 import numpy as np
+import openai
 import pytest
-from conftest import auth, tiny_config, wait_for
+from conftest import auth, steering, tiny_config, wait_for
 
 from serving.classify.classifier import Classifier
 from serving.classify.scorers import get_scorer
@@ -11,6 +14,7 @@ from serving.client import ProtegeClient, ProtegeError
 from serving.contracts.records import iter_records
 
 pytestmark = pytest.mark.integration
+NAME = "bbc-topics:tiny"  # cascade.name: this gateway's model id (the default is tested elsewhere)
 
 TEXTS = [
     "Shares slide as oil prices jump",
@@ -31,7 +35,7 @@ def log_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(deploy, tiny_pair, log_dir) -> ProtegeClient:
-    cascade = {"threshold": 0.5, "audit_fraction": 1.0, "audit_teacher": "online"}
+    cascade = {"name": NAME, "threshold": 0.5, "audit_fraction": 1.0, "audit_teacher": "online"}
     return deploy("main", tiny_config(tiny_pair, log_dir, cascade=cascade))
 
 
@@ -50,7 +54,7 @@ def test_escalates_exactly_when_confidence_is_below_threshold(client, student):
     outputs = client.classify(TEXTS, threshold=threshold).outputs
     expected = get_scorer("max_prob")(student.predict(TEXTS).probs)
     assert [o.confidence for o in outputs] == pytest.approx(expected.tolist(), abs=1e-5)
-    models = client.models()
+    models = client.model(NAME).protege
     escalated = [o.escalated for o in outputs]
     assert escalated == [c < threshold for c in expected]
     assert any(escalated) and not all(escalated)  # a real split, per input within one batch
@@ -63,7 +67,7 @@ def test_escalates_exactly_when_confidence_is_below_threshold(client, student):
 
 
 def test_answers_carry_the_versions_of_both_tiers(client, student):
-    models = client.models()
+    models = client.model(NAME).protege
     assert models.student.version == student.version
     assert models.threshold == 0.5 and models.scorer == "max_prob"
     student_out = client.classify(TEXTS[0], force_tier="student").outputs[0]
@@ -182,3 +186,53 @@ def test_bad_input_never_harms_the_replica(client, serve_cluster):
 def test_openapi_docs_are_served(client, serve_cluster):
     spec = httpx.get(f"http://127.0.0.1:{serve_cluster}/main/openapi.json").json()
     assert "/v1/classify" in spec["paths"]
+
+
+def test_models_is_openais_list_with_the_cascade_named_by_the_config(client, serve_cluster):
+    url = f"http://127.0.0.1:{serve_cluster}/main"
+    body = httpx.get(f"{url}/v1/models", headers=auth()).json()
+    assert body["object"] == "list" and [e["id"] for e in body["data"]] == [NAME]
+    (entry,) = body["data"]
+    assert (entry["object"], entry["owned_by"]) == ("model", "protege")
+    assert isinstance(entry["created"], int) and 0 < entry["created"] <= time.time()
+    assert entry["protege"]["kind"] == "classify"
+    assert entry["protege"]["threshold"] == 0.5 and entry["protege"]["audit_fraction"] == 1.0
+    # the official client lists it
+    listed = openai.OpenAI(base_url=f"{url}/v1", api_key=steering()[0]).models.list()
+    assert [m.id for m in listed] == [NAME]
+    assert listed.data[0].owned_by == "protege" and listed.data[0].created == entry["created"]
+    with pytest.raises(LookupError, match=NAME):
+        client.model("protege-classify")  # the default name: this gateway is named otherwise
+
+
+def test_models_without_a_key_is_401_in_openais_shape(client, serve_cluster):
+    url = f"http://127.0.0.1:{serve_cluster}/main/v1"
+    response = httpx.get(f"{url}/models")
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
+    assert "Authorization: Bearer" in error["message"]
+    with pytest.raises(openai.AuthenticationError, match="API key not recognised") as info:
+        openai.OpenAI(base_url=url, api_key="not-a-key", max_retries=0).models.list()
+    assert info.value.code == "invalid_api_key"  # the client read OpenAI's shape
+
+
+def test_classify_may_name_its_cascade_and_another_name_is_a_404(client, serve_cluster):
+    named = client.classify(TEXTS[:2], model=NAME, force_tier="student")
+    unnamed = client.classify(TEXTS[:2], force_tier="student")
+    assert [o.label for o in named.outputs] == [o.label for o in unnamed.outputs]
+    url = f"http://127.0.0.1:{serve_cluster}/main/v1/classify"
+    response = httpx.post(url, json={"inputs": "hi", "model": "gpt-4o"}, headers=auth())
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": f"model: 'gpt-4o' names no classify cascade hosted here; the models hosted "
+        f"are: {NAME} (classify)"
+    }
+    with pytest.raises(ProtegeError, match=NAME) as info:
+        client.classify("hi", model="protege-classify")
+    assert info.value.status_code == 404
+    response = httpx.post(url, json={"inputs": "hi", "model": "no spaces"}, headers=auth())
+    assert response.status_code == 422
+    assert response.json()["error"] == (
+        "model: 'no spaces' is not a model id; GET /v1/models lists the ids"
+    )

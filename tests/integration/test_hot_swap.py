@@ -71,7 +71,7 @@ def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
     url = f"http://127.0.0.1:{serve_cluster}/swap"
     client = ProtegeClient(url, api_key=steering()[0], timeout=60)
     client.wait_ready(120)
-    assert client.models().student.version == old
+    assert client.model().protege.student.version == old
 
     gates = registry.root / "gates"
     gates.mkdir()
@@ -79,22 +79,22 @@ def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
     with Load(url) as load:
         wait_for(lambda: len(load.versions) > 20)
         local_ray.deploy_config(app_config("swap", args, {"student_version": new}), tmp_path)
-        wait_for(lambda: client.models().swap.loading == new)
+        wait_for(lambda: client.model().protege.swap.loading == new)
         held_from = time.monotonic()
         wait_for(lambda: sum(t > held_from for t, _ in load.versions) > 30)  # served while loading
-        assert client.models().student.version == old
+        assert client.model().protege.student.version == old
         released_at = time.monotonic()
         (gates / new).unlink()  # release the load
-        wait_for(lambda: client.models().student.version == new, timeout_s=60)
+        wait_for(lambda: client.model().protege.student.version == new, timeout_s=60)
         swapped_at = time.monotonic()
         wait_for(lambda: sum(t > swapped_at for t, _ in load.versions) > 20)
 
         # a broken version is refused and the current one keeps serving
         local_ray.deploy_config(app_config("swap", args, {"student_version": broken}), tmp_path)
-        wait_for(lambda: client.models().swap.failures >= 1, timeout_s=60)
+        wait_for(lambda: client.model().protege.swap.failures >= 1, timeout_s=60)
         refused_at = time.monotonic()
         wait_for(lambda: sum(t > refused_at for t, _ in load.versions) > 20)
-    models = client.models()
+    models = client.model().protege
     assert models.student.version == new and broken in (models.swap.last_error or "")
     assert load.failures == []
     answered_while_loading = [v for t, v in load.versions if held_from < t < released_at]
@@ -106,8 +106,8 @@ def test_hot_swap_under_load(serve_cluster, tiny_pair, tmp_path):
     local_ray.deploy_config(
         app_config("swap", args, {"student_version": new, "threshold": 0.3}), tmp_path
     )
-    wait_for(lambda: client.models().threshold == 0.3, timeout_s=60)
-    models = client.models()
+    wait_for(lambda: client.model().protege.threshold == 0.3, timeout_s=60)
+    models = client.model().protege
     assert models.student.version == new and models.swap.swaps == 1
     assert "fixed threshold 0.3" in models.threshold_rule
     assert not any(str(tmp_path) in str(v) for v in models.model_dump().values())  # no paths

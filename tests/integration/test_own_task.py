@@ -46,7 +46,7 @@ def test_init_serve_distil_gate_and_swap_on_a_three_label_task(serve_cluster, tm
     url = f"http://127.0.0.1:{serve_cluster}/tickets"
     client = ProtegeClient(url, timeout=60)
     client.wait_ready(120)
-    assert client.models().student.labels == LABELS
+    assert client.model().protege.student.labels == LABELS
 
     before = served_escalation(url, [t for t, _ in tickets(2000, seed=7)])
     records = list(iter_records(work / "escalations"))
@@ -77,8 +77,8 @@ def test_init_serve_distil_gate_and_swap_on_a_three_label_task(serve_cluster, tm
     assert registry.current() == candidate
 
     local_ray.deploy_config(app_config("tickets", args, {"student_version": candidate}), Path.cwd())
-    wait_for(lambda: client.models().student.version == candidate, timeout_s=120)
-    models = client.models()
+    wait_for(lambda: client.model().protege.student.version == candidate, timeout_s=120)
+    models = client.model().protege
     assert models.threshold == pytest.approx(decision["candidate"]["threshold"])
     after = served_escalation(url, [t for t, _ in tickets(400, seed=8)])
     assert after < before - 0.1, (before, after)

@@ -170,7 +170,7 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
         ):
             assert httpx.post(f"{url}/v1/classify", json=body, headers=auth()).status_code == 422
         local_ray.deploy_config(with_student(app, second), tmp)
-        wait_for(lambda: client.models().student.version == second, timeout_s=60)
+        wait_for(lambda: client.model().protege.student.version == second, timeout_s=60)
     # a teacher that always times out: degraded answers and teacher failures
     serve.run(
         build_app(tiny_config(tiny_pair, tmp / "log2", teacher_timeout_s=0.001)),

@@ -89,7 +89,7 @@ def test_the_curl_example_answers_as_documented(gateway):
     body = json.loads(re.search(r"-d '(.*)'", code, re.DOTALL).group(1))
     request_id = re.search(r"x-request-id: ([\w-]+)", code).group(1)
     assert response.request_id == request_id and len(response.outputs) == len(body["inputs"])
-    models = client.models()
+    models = client.model().protege
     for output in response.outputs:
         assert output.tier == ("teacher" if output.escalated else "student")
         served = models.teacher if output.escalated else models.student
@@ -104,7 +104,7 @@ def test_the_python_example_prints_an_answer(gateway, monkeypatch, capsys):
     monkeypatch.setenv("PROTEGE_KEY", steering()[0])
     exec(compile(as_run_here(code, url), f"{README} (python example)", "exec"), {})
     label, tier, version, confidence = capsys.readouterr().out.split()
-    models = client.models()
+    models = client.model().protege
     served = models.teacher if tier == "teacher" else models.student
     assert tier in ("student", "teacher") and version == served.version
     assert label in served.labels and 0.0 <= float(confidence) <= 1.0

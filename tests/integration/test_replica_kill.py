@@ -170,7 +170,11 @@ def test_a_hot_swap_interrupted_by_a_kill_ends_on_the_version_asked_for(
     local_ray.deploy_config(app_config("swap-kill", args, {}), tmp_path)
     wait_for(lambda: len(replica_pids("swap-kill")) == 1 or None, timeout_s=120)
     url = f"http://127.0.0.1:{serve_cluster}/swap-kill"
-    models = lambda: httpx.get(f"{url}/v1/models", headers=auth(), timeout=30).json()  # noqa: E731
+
+    def models() -> dict:  # the classification cascade's own fields in its /v1/models entry
+        (entry,) = httpx.get(f"{url}/v1/models", headers=auth(), timeout=30).json()["data"]
+        return entry["protege"]
+
     wait_for(lambda: models()["student"]["version"] == old or None, timeout_s=120)
 
     gates = registry.root / "gates"

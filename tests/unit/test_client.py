@@ -5,6 +5,7 @@ import httpx
 import pytest
 
 from serving.client import ProtegeClient, ProtegeError
+from serving.schemas import ClassifyCascadeInfo
 
 OK = {
     "request_id": "r1",
@@ -86,3 +87,51 @@ def test_a_call_keeps_one_request_id_across_its_retries():
     client = client_with([httpx.Response(200, json=OK)], seen)
     client.classify("y")
     assert seen[-1].headers["x-request-id"] not in ids  # a new call, a new id
+
+
+def listing(*names: str) -> dict:
+    entry = {
+        "object": "model",
+        "created": 1,
+        "owned_by": "protege",
+        "protege": {
+            "kind": "classify",
+            "student": {"version": "s1", "labels": ["a"], "max_tokens": 8},
+            "teacher": {"version": "t1", "labels": ["a"], "max_tokens": 8},
+            "scorer": "max_prob",
+            "threshold": 0.5,
+            "threshold_rule": "fixed threshold 0.5",
+            "audit_fraction": 0.02,
+            "swap": {
+                "loading": None,
+                "swaps": 0,
+                "failures": 0,
+                "superseded": 0,
+                "last_error": None,
+                "last_swap_seconds": None,
+                "following": "its student.path",
+            },
+        },
+    }
+    return {"object": "list", "data": [{**entry, "id": name} for name in names]}
+
+
+def test_model_gives_the_entry_of_a_cascade_by_name():
+    seen: list[httpx.Request] = []
+    client = client_with([httpx.Response(200, json=listing("protege-classify", "b"))] * 2, seen)
+    entry = client.model()  # the classification cascade's default name
+    assert entry.id == "protege-classify" and isinstance(entry.protege, ClassifyCascadeInfo)
+    assert entry.protege.student.version == "s1"
+    assert client.model("b").id == "b"
+    assert [r.url.path for r in seen] == ["/v1/models"] * 2
+    client = client_with([httpx.Response(200, json=listing("b"))], seen)
+    with pytest.raises(LookupError, match="no cascade named 'protege-classify' here; hosted: b"):
+        client.model()
+
+
+def test_an_error_in_openais_shape_raises_its_message():
+    body = {"error": {"message": "teacher unavailable", "type": "server_error", "param": None}}
+    client = client_with([httpx.Response(503, json=body)], [])
+    client.retries = 0
+    with pytest.raises(ProtegeError, match=r"HTTP 503: teacher unavailable$"):
+        client.models()

@@ -50,6 +50,21 @@ def test_two_threshold_rules_are_refused_with_both_values():
         CascadeConfig(threshold=0.5, target_agreement=0.9)
 
 
+@pytest.mark.parametrize("name", ["protege-classify", "bbc:v2", "a", "A" * 64, "x.y_z-1"])
+def test_a_cascade_name_is_a_model_id(name):
+    assert CascadeConfig(name=name).name == name
+
+
+@pytest.mark.parametrize("name", ["", "-lead", "A" * 65, "two words", "ok\n", "a/b"])
+def test_a_name_that_is_not_a_model_id_is_refused_with_the_rule(name):
+    with pytest.raises(ValidationError, match="is not a model id: start with a letter or digit"):
+        CascadeConfig(name=name)
+
+
+def test_the_classification_cascade_is_named_by_default():
+    assert CascadeConfig().name == "protege-classify"
+
+
 def test_unknown_field_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="treshold"):
         load_config(config(tmp_path, tmp_path, treshold=0.5))

@@ -12,16 +12,47 @@ from serving.access import Gatekeeper, new_key
 from serving.classify.service import Answer, Routing
 from serving.config import LimitsConfig
 from serving.http_api import MODELS_UNAVAILABLE, Readiness, build_api
-from serving.schemas import ClassifyOutput
+from serving.schemas import (
+    ClassifyCascadeInfo,
+    ClassifyOutput,
+    ModelEntry,
+    ModelInfo,
+    ModelList,
+    SwapStatus,
+)
 
 LIMITS = LimitsConfig(max_inputs=2, max_chars=10, max_body_bytes=400)
 PLAIN, PLAIN_ENTRY = new_key("plain")
 STEER, STEER_ENTRY = new_key("steer", overrides=True)
 
 
+ENTRY = ModelEntry(
+    id="topics",
+    created=1_700_000_000,
+    protege=ClassifyCascadeInfo(
+        student=ModelInfo(version="s1", labels=["a"], max_tokens=8),
+        teacher=ModelInfo(version="t1", labels=["a"], max_tokens=8),
+        scorer="max_prob",
+        threshold=0.5,
+        threshold_rule="fixed threshold 0.5",
+        audit_fraction=0.02,
+        swap=SwapStatus(
+            loading=None,
+            swaps=0,
+            failures=0,
+            superseded=0,
+            last_error=None,
+            last_swap_seconds=None,
+            following="its student.path",
+        ),
+    ),
+)
+
+
 class Backend:
-    def __init__(self) -> None:
+    def __init__(self, teacher_up: bool = False) -> None:
         self.calls: list[tuple[list[str], Routing]] = []
+        self.teacher_up = teacher_up
 
     async def classify(self, texts: list[str], request_id: str, routing: Routing) -> Answer:
         self.calls.append((texts, routing))
@@ -35,8 +66,13 @@ class Backend:
         )
         return Answer([output] * len(texts), None)
 
-    async def models(self):
-        raise RuntimeError("teacher down")
+    async def models(self) -> ModelList:
+        if not self.teacher_up:
+            raise RuntimeError("teacher down")
+        return ModelList(data=[ENTRY])
+
+    def hosted(self) -> dict[str, str]:
+        return {"topics": "classify", "chat": "generate"}
 
     async def readiness(self) -> Readiness:
         return Readiness(status="ready")
@@ -45,8 +81,8 @@ class Backend:
         return given or "generated"
 
 
-def make(keys=(PLAIN_ENTRY, STEER_ENTRY), anonymous_overrides=False):
-    backend, rejected = Backend(), []
+def make(keys=(PLAIN_ENTRY, STEER_ENTRY), anonymous_overrides=False, teacher_up=False):
+    backend, rejected = Backend(teacher_up), []
     app = build_api(
         backend, LIMITS, Gatekeeper(list(keys), anonymous_overrides), lambda: rejected.append(1)
     )
@@ -184,7 +220,15 @@ def test_models_answers_503_with_a_fixed_body_when_the_teacher_is_down(caplog, m
     monkeypatch.setattr(logging.getLogger("ray.serve"), "propagate", True)  # Serve may unset it
     app, _, _ = make()
     response = call(app, "GET", "/v1/models", headers=bearer(PLAIN))
-    assert response.status_code == 503 and response.json() == {"error": MODELS_UNAVAILABLE}
+    assert response.status_code == 503
+    assert response.json() == {  # OpenAI's shape: OpenAI's clients read it
+        "error": {
+            "message": MODELS_UNAVAILABLE,
+            "type": "server_error",
+            "param": None,
+            "code": "teacher_unavailable",
+        }
+    }
     assert "teacher down" not in response.text and "RuntimeError" not in response.text
     assert "teacher down" in caplog.text  # the exception is logged instead
 
@@ -253,3 +297,79 @@ def test_a_content_length_that_is_not_a_number_is_not_a_500():
 
     asyncio.run(guard(classify_scope(scope_headers), receive, send))
     assert sent[0]["status"] == 200
+
+
+def test_models_lists_every_cascade_in_openais_shape():
+    app, _, _ = make(teacher_up=True)
+    response = call(app, "GET", "/v1/models", headers=bearer(PLAIN))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "list"
+    (entry,) = body["data"]
+    assert {k: entry[k] for k in ("id", "object", "created", "owned_by")} == {
+        "id": "topics",
+        "object": "model",
+        "created": 1_700_000_000,
+        "owned_by": "protege",
+    }
+    assert entry["protege"]["kind"] == "classify"
+    assert entry["protege"]["student"] == {"version": "s1", "labels": ["a"], "max_tokens": 8}
+    assert ModelList.model_validate(body).entry("topics") == ENTRY
+    with pytest.raises(LookupError, match=r"'chat'.*hosted: topics"):
+        ModelList.model_validate(body).entry("chat")
+
+
+def test_every_error_on_models_is_in_openais_shape_and_classifys_stay_plain():
+    app, _, rejected = make()
+    missing = call(app, "GET", "/v1/models").json()["error"]
+    assert missing["type"] == "authentication_error" and missing["code"] == "invalid_api_key"
+    assert "Authorization: Bearer" in missing["message"]
+    too_big = call(app, "GET", "/v1/models", content=b"x" * 500, headers=bearer(PLAIN))
+    assert too_big.status_code == 413
+    assert too_big.json()["error"]["type"] == "invalid_request_error"
+    wrong_method = call(app, "POST", "/v1/models", headers=bearer(PLAIN))
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["message"] == "Method Not Allowed"
+    plain = call(app, "POST", "/v1/classify", json={"inputs": ["hi"]}).json()
+    assert isinstance(plain["error"], str)  # /v1/classify's shape is unchanged
+    assert len(rejected) == 4
+
+
+def test_classify_may_name_its_cascade_and_any_other_name_is_a_404():
+    app, backend, rejected = make()
+    named = {"inputs": ["hi"], "model": "topics"}
+    assert call(app, "POST", "/v1/classify", json=named, headers=bearer(PLAIN)).is_success
+    hosted = "the models hosted are: chat (generate), topics (classify)"
+    for name in ("gpt-4o", "chat"):  # not hosted; hosted, but not a classification cascade
+        body = {"inputs": ["hi"], "model": name}
+        response = call(app, "POST", "/v1/classify", json=body, headers=bearer(STEER))
+        assert response.status_code == 404
+        assert response.json() == {
+            "error": f"model: {name!r} names no classify cascade hosted here; {hosted}"
+        }
+    bad = call(
+        app, "POST", "/v1/classify", json={"inputs": "hi", "model": ""}, headers=bearer(PLAIN)
+    )
+    assert bad.status_code == 422
+    assert bad.json()["error"] == "model: '' is not a model id; GET /v1/models lists the ids"
+    extra = call(app, "POST", "/v1/classify", json={"inputs": "hi", "x": 1}, headers=bearer(PLAIN))
+    assert "allowed fields are inputs, threshold, force_tier, model" in extra.json()["error"]
+    assert len(backend.calls) == 1 and len(rejected) == 4
+
+
+def test_the_openapi_document_describes_the_models_list():
+    spec = call(make()[0], "GET", "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    responses = spec["paths"]["/v1/models"]["get"]["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ModelList"
+    }
+    for status in ("401", "503"):
+        schema = responses[status]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/OpenAIErrorBody"}
+    kinds = schemas["ModelEntry"]["properties"]["protege"]
+    assert kinds["discriminator"]["propertyName"] == "kind"
+    assert set(kinds["discriminator"]["mapping"]) == {"classify", "generate"}
+    assert set(schemas["OpenAIError"]["properties"]) == {"message", "type", "param", "code"}
+    classify = spec["paths"]["/v1/classify"]["post"]["responses"]["404"]["content"]
+    assert classify["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
