@@ -4,7 +4,9 @@ never drift.
 - ``k8s/base/generated/rayservice.yaml``: ``k8s/templates/rayservice.yaml`` whose
   ``serveConfigV2`` is ``deploy/serve_config.yaml`` with the fields that must differ on the
   cluster set here and nowhere else (:data:`CLUSTER_SERVE`, :func:`cluster_args`: the
-  HTTP host, the storage URIs, each pod's own folders);
+  HTTP host, the storage URIs, each pod's own folders), hosting both kinds: the
+  classification cascade and the generative one (:func:`cluster_generate`) behind one
+  ingress;
 - ``k8s/base/generated/rayjob.yaml`` and ``distill-cron.yaml``: one distillation RayJob, and
   the RayCronJob whose ``jobTemplate`` is that RayJob's spec;
 - ``k8s/base/generated/distill.yaml``: ``deploy/distill.yaml`` with the registry and the log
@@ -55,6 +57,29 @@ def cluster_args(storage: str) -> dict[str, Any]:
     }
 
 
+def cluster_generate(storage: str) -> dict[str, Any]:
+    """The generative cascade the RayService hosts beside the classification one: the
+    default pair on the read-only volume (``protege models build-generate`` writes it to
+    ``<cache>/generate``), its own registry and log in the object store."""
+    return {
+        "name": "protege-generate",
+        "student": {"path": f"{DATA}/generate/models/student"},
+        "teacher": {"path": f"{DATA}/generate/models/teacher"},
+        "registry": f"{storage}/generate/registry",
+        "registry_cache_dir": f"{LOCAL}/generate-registry-cache",
+        "log": {"dir": f"{LOCAL}/generations", "ship_to": f"{storage}/generations"},
+    }
+
+
+GENERATIVE_TEACHER = {
+    "name": "GenerativeTeacher",
+    "num_replicas": 1,
+    "max_ongoing_requests": 64,
+    "max_queued_requests": 128,
+    "ray_actor_options": {"num_cpus": 0.5},
+}
+
+
 def cluster_distill(storage: str) -> dict[str, Any]:
     """The distillation config's fields that differ on the cluster."""
     return {
@@ -83,6 +108,10 @@ def serve_config(source: Path, storage: str = STORAGE) -> dict[str, Any]:
         args = app.setdefault("args", {})
         for key, value in cluster_args(storage).items():
             args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value
+        args["generate"] = {**args.get("generate", {}), **cluster_generate(storage)}
+        deployments = app.setdefault("deployments", [])
+        if not any(d.get("name") == GENERATIVE_TEACHER["name"] for d in deployments):
+            deployments.append(copy.deepcopy(GENERATIVE_TEACHER))
     _check_serve(config, source)
     return config
 

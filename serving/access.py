@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from serving.config import AccessConfig
+from serving.config_sections import AccessConfig
 
 KEY_PREFIX = "pk_"
 PLACEHOLDER = "REPLACE_ME"  # how the shipped cluster Secret's value begins (k8s/base/secret.yaml)

@@ -2,9 +2,11 @@
 
     serve run deploy/serve_config.yaml          # or: protege serve
 
-The builder validates the config (and the models' labels and threshold rule) before
-anything is deployed, so a bad config fails at once with a message instead of a replica
-crash loop.
+The builder validates the config (the models' folders, labels, tokenizers and threshold
+rules, the keys) before anything is deployed, so a bad config fails at once with a message
+instead of a replica crash loop. It binds the teacher of every cascade the config hosts
+(``Teacher`` for a classification cascade, ``GenerativeTeacher`` for a generative one)
+behind the one ingress, ``Gateway``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from serving.config import GatewayConfig
 from serving.contracts.manifest import read_manifest
 from serving.contracts.threshold import resolve_threshold
 from serving.gateway import Gateway
+from serving.generate.config import GenerateCascadeConfig, resolve_limits
+from serving.generate.models import load_tokenizer
+from serving.generate.teacher import GenerativeTeacher
 from serving.hot_swap import import_loader
 
 
@@ -39,7 +44,20 @@ def load_config(args: dict[str, Any] | GatewayConfig) -> GatewayConfig:
 
 
 def check_models(config: GatewayConfig) -> None:
-    """Cheap checks on disk: both folders exist, labels match, a threshold can be resolved."""
+    """Cheap checks on disk, for every cascade hosted; then the keys."""
+    if config.classify:
+        check_classify(config)
+    if config.generate is not None:
+        check_generate(config.generate)
+    try:
+        load_keys(config.access)  # bad keys fail here, not in a crash-looping replica
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_classify(config: GatewayConfig) -> None:
+    """Both folders exist, labels match, a threshold can be resolved."""
+    assert config.student is not None and config.teacher is not None
     meanpool.register()
     labels = {}
     for role, spec in (("student", config.student), ("teacher", config.teacher)):
@@ -57,15 +75,71 @@ def check_models(config: GatewayConfig) -> None:
     try:
         import_loader(config.student_loader)
         resolve_threshold(config.cascade, read_manifest(config.student.path))
-        load_keys(config.access)  # bad keys fail here, not in a crash-looping replica
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
+def check_generate(config: GenerateCascadeConfig) -> None:
+    """Both folders hold a causal LM in safetensors with a tokenizer that has a chat
+    template; the student is a generative version whose threshold rule resolves and whose
+    limits fit its window."""
+    windows = {}
+    for role, spec in (("student", config.student), ("teacher", config.teacher)):
+        where = f"generate.{role}.path={spec.path}"
+        if not (spec.path / "config.json").exists():
+            raise ConfigError(
+                f"{where} is not a model folder (no config.json); build the default pair "
+                "with `protege models build-generate` or point it at a Hugging Face "
+                "causal-LM folder"
+            )
+        if not any(spec.path.glob("*.safetensors")):
+            raise ConfigError(
+                f"{where} holds no *.safetensors weights: protege loads only safetensors; "
+                "save the model with `save_pretrained(folder)` (safetensors by default)"
+            )
+        try:
+            tokenizer = load_tokenizer(spec.path)
+        except Exception as exc:
+            raise ConfigError(f"{where}: its tokenizer cannot be loaded: {exc}") from None
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"{where}: its tokenizer has no chat template, so /v1/chat/completions "
+                "cannot render a chat; serve an instruct model, or add a chat_template to "
+                "its tokenizer (tokenizer.chat_template = ...; save_pretrained)"
+            )
+        window = getattr(AutoConfig.from_pretrained(spec.path), "max_position_embeddings", None)
+        windows[role] = int(window) if window else None
+    manifest = read_manifest(config.student.path)
+    if manifest is not None and manifest.kind != "generate":
+        raise ConfigError(
+            f"generate.student.path={config.student.path} holds {manifest.kind} version "
+            f"{manifest.version}, not a generative one: point it at a causal-LM student"
+        )
+    try:
+        resolve_threshold(config, manifest)
+        resolve_limits(config, manifest, windows["student"])
+    except ValueError as exc:
+        raise ConfigError(
+            f"generate: {exc} (the generative cascade's fields are under `generate`, for "
+            "example generate.threshold)"
+        ) from None
+
+
 def build_app(args: dict[str, Any]) -> Application:
+    """The application: the ingress and the teacher of every cascade the config hosts."""
     config = load_config(args)
     check_models(config)
-    teacher = Teacher.bind(  # type: ignore[attr-defined]
-        config.teacher, config.batching, config.device, config.torch_threads
-    )
-    return Gateway.bind(config, teacher)  # type: ignore[attr-defined]
+    teacher = None
+    if config.teacher is not None:
+        teacher = Teacher.bind(  # type: ignore[attr-defined]
+            config.teacher, config.batching, config.device, config.torch_threads
+        )
+    generative_teacher = None
+    if config.generate is not None:
+        generative_teacher = GenerativeTeacher.bind(  # type: ignore[attr-defined]
+            str(config.generate.teacher.path),
+            config.generate.teacher_batching,
+            config.device,
+            config.torch_threads,
+        )
+    return Gateway.bind(config, teacher, generative_teacher)  # type: ignore[attr-defined]

@@ -1,7 +1,10 @@
 """The gateway's configuration: one pydantic model, one YAML file for local runs and the cluster.
 
 ``deploy/serve_config.yaml`` passes these fields as the application's ``args``; every
-field has a default here and nowhere else.
+field has a default here and nowhere else. One gateway (one Serve application, one
+ingress) hosts the cascades its config names: a classification cascade (``student`` and
+``teacher``, with ``cascade`` and the other top-level sections), a generative one
+(``generate``, :class:`serving.generate.config.GenerateCascadeConfig`), or both.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from pydantic import (
 # shared with every kind's config; re-exported here for existing imports
 from serving.config_sections import (  # noqa: F401
     DEFAULT_SEGMENT_BYTES,
+    AccessConfig,
     BatchingConfig,
     LogConfig,
 )
 from serving.contracts import defaults
 from serving.contracts.storage import StoreURI
+from serving.generate.config import GenerateCascadeConfig
 from serving.schemas import CLASSIFY_CASCADE, MODEL_ID
 
 DEFAULT_MAX_INPUTS = 64
@@ -134,29 +139,6 @@ class LimitsConfig(_Strict):
         return self.max_inputs * (self.max_chars * 12 + 4) + 4096
 
 
-class AccessConfig(_Strict):
-    """API keys for inference. Fails closed: the gateway refuses to start without a key,
-    and a configured source that holds none (an empty key file, the variable set to ``[]``)
-    is an error naming it. Open access is ``required: false``, for local runs only."""
-
-    keys_file: Path | None = Field(
-        default=None, description="YAML or JSON list of {name, sha256, overrides} (hashed keys)"
-    )
-    keys_env: str = Field(
-        default="PROTEGE_API_KEYS",
-        description="Environment variable holding the same list as JSON (a Kubernetes Secret)",
-    )
-    required: bool = Field(
-        default=True,
-        description="Refuse to start without an API key; false: with no key source "
-        "configured, any client may classify (a local gateway on 127.0.0.1, never a cluster)",
-    )
-    anonymous_overrides: bool = Field(
-        default=False,
-        description="With authentication off, whether clients may send force_tier or threshold",
-    )
-
-
 class OverloadConfig(_Strict):
     """Bounds that keep the student path fast when the teacher is slow or traffic spikes."""
 
@@ -173,9 +155,26 @@ class OverloadConfig(_Strict):
 
 
 class GatewayConfig(_Strict):
-    student: ModelSpec
-    teacher: ModelSpec
+    """What a gateway hosts and how. ``student`` and ``teacher`` make the classification
+    cascade (``cascade``, ``batching``, ``overload``, ``log``, ``registry`` and the teacher
+    timeouts are its settings); ``generate`` makes the generative cascade, with its own
+    sections. ``limits``, ``access``, ``device``, ``torch_threads``, ``s3_endpoint``,
+    ``registry_poll_s`` and ``teacher_unready_after_s`` apply to every cascade hosted."""
+
+    student: ModelSpec | None = Field(
+        default=None,
+        description="The classification cascade's student (with `teacher`); leave both out "
+        "to host only a generative cascade",
+    )
+    teacher: ModelSpec | None = Field(
+        default=None, description="The classification cascade's teacher (with `student`)"
+    )
     cascade: CascadeConfig = CascadeConfig()
+    generate: GenerateCascadeConfig | None = Field(
+        default=None,
+        description="A generative cascade (OpenAI-compatible chat and completions), hosted "
+        "beside the classification one or alone",
+    )
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     access: AccessConfig = AccessConfig()
@@ -218,9 +217,57 @@ class GatewayConfig(_Strict):
         default=None, description="torch intra-op threads per replica (Ray sets 1 otherwise)"
     )
 
+    @model_validator(mode="after")
+    def _hosts_cascades(self) -> GatewayConfig:
+        if (self.student is None) != (self.teacher is None):
+            given, missing = (
+                ("student", "teacher") if self.teacher is None else ("teacher", "student")
+            )
+            raise ValueError(
+                f"a classification cascade needs both student and teacher: add {missing}.path "
+                f"(or leave out {given} too, to host only a generative cascade in `generate`)"
+            )
+        if self.student is None and self.generate is None:
+            raise ValueError(
+                "this config hosts no cascade: add student.path and teacher.path (a "
+                "classification cascade), a `generate` section with its student.path and "
+                "teacher.path (a generative cascade), or both"
+            )
+        generate = self.generate
+        if generate is None or self.student is None:
+            return self
+        if generate.name == self.cascade.name:
+            raise ValueError(
+                f"cascade.name and generate.name are both {generate.name!r}: each cascade "
+                "needs its own model id; rename one"
+            )
+        if generate.log.dir.resolve() == self.log.dir.resolve():
+            raise ValueError(
+                f"log.dir and generate.log.dir are both {str(generate.log.dir)!r}: each "
+                "cascade logs into its own folder (the distillation job reads one kind)"
+            )
+        if generate.registry is not None and generate.registry == self.registry:
+            raise ValueError(
+                f"registry and generate.registry are both {generate.registry!r}: each cascade "
+                "follows its own registry (a pointer names one kind's versions)"
+            )
+        return self
 
-class SwapRequest(_Strict):
-    """The Gateway deployment's ``user_config``: changing it swaps the student in place."""
+    @property
+    def classify(self) -> bool:
+        """Whether this gateway hosts a classification cascade."""
+        return self.student is not None
+
+    def hosted(self) -> dict[str, str]:
+        """Every cascade this config hosts: its name (model id) to its kind."""
+        names = {self.cascade.name: "classify"} if self.classify else {}
+        if self.generate is not None:
+            names[self.generate.name] = "generate"
+        return names
+
+
+class Pin(_Strict):
+    """One cascade's part of the Gateway's ``user_config``."""
 
     student_version: str | None = Field(
         default=None,
@@ -230,4 +277,14 @@ class SwapRequest(_Strict):
     )
     threshold: float | None = Field(
         default=None, ge=0, le=1, description="Override the version's calibrated threshold"
+    )
+
+
+class SwapRequest(Pin):
+    """The Gateway deployment's ``user_config``: changing it swaps a student in place. The
+    top-level fields are the classification cascade's; ``generate`` holds the generative
+    cascade's."""
+
+    generate: Pin = Field(
+        default=Pin(), description="The generative cascade's pin and threshold override"
     )

@@ -14,7 +14,7 @@ from starlette.types import Scope
 
 from serving.schemas import OpenAIError, OpenAIErrorBody
 
-OPENAI_ROUTES: frozenset[str] = frozenset({"/v1/models"})
+OPENAI_ROUTES: frozenset[str] = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions"})
 """Paths (inside the app) whose errors are in OpenAI's shape."""
 
 

@@ -19,11 +19,14 @@ HIDDEN_LOCATION_PARTS = {"body", MANY, ONE}  # where it came from, and the input
 class NotHosted(LookupError):
     """A request names a model (a cascade) this gateway does not host: a 404."""
 
-    def __init__(self, name: str, kind: str, hosted: dict[str, str]) -> None:
+    def __init__(self, name: str | None, kind: str, hosted: dict[str, str]) -> None:
+        """``name`` None: the request named no model, and no cascade of ``kind`` is hosted."""
         shown = ", ".join(f"{n} ({k})" for n, k in sorted(hosted.items())) or "none"
-        super().__init__(
-            f"model: {name!r} names no {kind} cascade hosted here; the models hosted are: {shown}"
-        )
+        if name is None:
+            what = f"model: this gateway hosts no {kind} cascade"
+        else:
+            what = f"model: {name!r} names no {kind} cascade hosted here"
+        super().__init__(f"{what}; the models hosted are: {shown}")
 
 
 def _describe(error: dict[str, Any]) -> str:

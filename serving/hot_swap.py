@@ -22,17 +22,26 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from serving.config import CascadeConfig
 from serving.contracts.manifest import ModelManifest
-from serving.contracts.threshold import ThresholdRule, resolve_threshold
+from serving.contracts.threshold import ThresholdRule, ThresholdSettings, resolve_threshold
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_LOADER = "serving.classify.student:load_student"
+
+
+class SlotCascade(ThresholdSettings, Protocol):
+    """What the slot needs of a cascade's config, whatever its kind (a pydantic model such
+    as :class:`serving.config.CascadeConfig` or the generative cascade's config): the
+    threshold settings, and a copy with a threshold override."""
+
+    def model_copy(
+        self, *, update: Mapping[str, Any] | None = None, deep: bool = False
+    ) -> SlotCascade: ...
 
 
 class StudentModel(Protocol):
@@ -94,7 +103,7 @@ class StudentSlot:
     def __init__(
         self,
         initial: ActiveStudent,
-        cascade: CascadeConfig,
+        cascade: SlotCascade,
         device: str,
         max_tokens: int | None,
         loader: Loader | None = None,
@@ -153,7 +162,7 @@ class StudentSlot:
         while self.stats.loading is not None and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _cascade_for(self, threshold: float | None) -> CascadeConfig:
+    def _cascade_for(self, threshold: float | None) -> SlotCascade:
         if threshold is None:
             return self._cascade
         return self._cascade.model_copy(
@@ -164,7 +173,7 @@ class StudentSlot:
             }
         )
 
-    def _load(self, version: str, folder: Path, cascade: CascadeConfig, generation: int) -> None:
+    def _load(self, version: str, folder: Path, cascade: SlotCascade, generation: int) -> None:
         began = time.perf_counter()
         try:
             candidate = self._loader(

@@ -8,7 +8,7 @@ request model is made at run time.
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Header, Request, Response
@@ -82,10 +82,18 @@ def classify_responses(limits: LimitsConfig, auth: bool) -> dict[int | str, dict
         408: _serve_text("Not answered within the request timeout (request_timeout_s)"),
     }
     responses[403] = _error("Routing overrides (force_tier, threshold) are not allowed")
-    responses[404] = _error("`model` names no classification cascade this gateway hosts")
+    responses[404] = _error(
+        "`model` names no classification cascade this gateway hosts (or, without `model`, "
+        "the gateway hosts none); the message names the models hosted"
+    )
     if auth:
         responses[401] = _error("No API key, or one that is not recognised")
     return responses
+
+
+RouteAdder = Callable[[FastAPI, list[Any]], None]
+"""Adds a kind's own routes to the app, given the dependencies that document the key (the
+generative cascade's OpenAI-compatible routes)."""
 
 
 def build_api(
@@ -93,6 +101,7 @@ def build_api(
     limits: LimitsConfig,
     gatekeeper: Gatekeeper,
     on_reject: Callable[[], None],
+    routes: Sequence[RouteAdder] = (),
 ) -> FastAPI:
     api = FastAPI(
         title="protege",
@@ -105,6 +114,8 @@ def build_api(
     _add_probes(api, backend)
     _add_models(api, backend, auth, gatekeeper.enabled)
     _add_classify(api, backend, limits, gatekeeper, auth)
+    for add in routes:
+        add(api, auth)
     api.add_middleware(
         Guard, gatekeeper=gatekeeper, max_body_bytes=limits.body_bytes, on_reject=on_reject
     )
@@ -189,7 +200,10 @@ def _add_classify(
 
 
 def _check_model(backend: Backend, name: str | None) -> None:
-    """A ``model`` given must name a classification cascade hosted here (else a 404)."""
+    """A ``model`` given must name a classification cascade hosted here, and without one
+    the gateway must host one (else a 404 naming the models hosted)."""
     hosted = backend.hosted()
+    if name is None and "classify" not in hosted.values():
+        raise NotHosted(None, "classify", hosted)
     if name is not None and hosted.get(name) != "classify":
         raise NotHosted(name, "classify", hosted)

@@ -1,5 +1,6 @@
 """The replica's side of the escalation log: writes off the event loop, and never a failed
-request because of the disk.
+request because of the disk. One sink per cascade, each in its own folder; it writes
+records of any kind (:data:`serving.contracts.records.LogRecord`).
 
 An unusable folder (missing, unwritable, full) is counted, alerted on and tried again every
 few seconds; serving goes on, and the response says its records were not logged. With
@@ -15,11 +16,12 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
-from serving.config import LogConfig
+from serving.config_sections import LogConfig
 from serving.contracts.log_shipping import SegmentShipper
-from serving.contracts.records import EscalationLogWriter, EscalationRecord
+from serving.contracts.records import EscalationLogWriter, LogRecord
 from serving.contracts.storage import open_store
 
 logger = logging.getLogger("ray.serve")
@@ -87,7 +89,7 @@ class LogSink:
             self.metrics.inc("protege_log_write_errors")
             logger.error("escalation log folder unusable, serving on without it: %s", exc)
 
-    async def write(self, records: list[EscalationRecord]) -> bool:
+    async def write(self, records: Sequence[LogRecord]) -> bool:
         """Append ``records`` (flushed to the kernel) off the event loop; False when they
         could not be written (counted and alerted; the caller answers anyway)."""
         if not records:

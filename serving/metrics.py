@@ -321,3 +321,8 @@ class GenerationMetrics(Metrics):
         if accepted_share is not None:
             self.observe("protege_generate_draft_accepted_share", accepted_share)
         self.inc("protege_generate_teacher_seconds_saved", seconds_saved)
+
+
+class ReplicaMetrics(GatewayMetrics, GenerationMetrics):
+    """Every cascade's metrics in one gateway replica, on one set of Ray metric objects
+    (a replica hosting both kinds creates each metric once)."""

@@ -41,7 +41,7 @@ ONE, MANY = "one", "many"  # the tags of a "string or list" field (hidden in err
 MAX_STOP = 4
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+SEED_MIN, SEED_MAX = -(2**53), 2**53  # torch takes more; these a JSON schema states exactly
 DEFAULT_TEMPERATURE = 0.0
 """protege's default (OpenAI's is 1): greedy, the setting thresholds are calibrated on and
 the only one where the teacher starts from the student's draft."""
@@ -306,13 +306,11 @@ class ChatCompletionRequest(GenerationFields):
         default=None,
         ge=0,
         le=MAX_CHAT_TOP_LOGPROBS,
-        description="With logprobs: true, the most likely tokens at each position (0-20)",
+        description="The most likely tokens at each position (0-20); used only with logprobs: true",
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise _refused("top_logprobs_without_logprobs", "top_logprobs", "needs logprobs: true")
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
             raise _refused(

@@ -11,9 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import steering, tiny_config, wait_for
+from tiny_lm import build_tiny_lm
 
 pytestmark = pytest.mark.integration
 EXAMPLES = 60
+GENERATE_EXAMPLES = 15  # each answer runs two tiny models: a few per operation
 
 
 def scraped_rejected(metrics_port: int, app: str) -> float:
@@ -49,10 +51,7 @@ def _interactions(event):
             yield from _interactions(value)
 
 
-def test_schemathesis_finds_nothing(deploy, tiny_pair, tmp_path, serve_cluster, metrics_port):
-    deploy("fuzz", tiny_config(tiny_pair, tmp_path / "log"))
-    base = f"http://127.0.0.1:{serve_cluster}/fuzz"
-    report = tmp_path / "events.ndjson"
+def schemathesis(base: str, report: Path, examples: int) -> subprocess.CompletedProcess:
     command = [
         str(Path(sys.executable).with_name("schemathesis")),
         "--config-file",
@@ -66,7 +65,7 @@ def test_schemathesis_finds_nothing(deploy, tiny_pair, tmp_path, serve_cluster, 
         "--header",
         f"Authorization: Bearer {steering()[0]}",
         "--max-examples",
-        str(EXAMPLES),
+        str(examples),
         "--seed",
         "7",
         "--workers",
@@ -76,9 +75,42 @@ def test_schemathesis_finds_nothing(deploy, tiny_pair, tmp_path, serve_cluster, 
         "--report-ndjson-path",
         str(report),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+
+
+def check_run(base: str, app: str, tmp_path: Path, metrics_port: int, examples: int) -> None:
+    report = tmp_path / "events.ndjson"
+    result = schemathesis(base, report, examples)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     refused = refused_in_report(report)
     assert refused > 0  # it did send bad requests
-    wait_for(lambda: scraped_rejected(metrics_port, "fuzz") >= refused or None, timeout_s=60)
-    assert scraped_rejected(metrics_port, "fuzz") == refused
+    wait_for(lambda: scraped_rejected(metrics_port, app) >= refused or None, timeout_s=60)
+    assert scraped_rejected(metrics_port, app) == refused
+
+
+def test_schemathesis_finds_nothing(deploy, tiny_pair, tmp_path, serve_cluster, metrics_port):
+    deploy("fuzz", tiny_config(tiny_pair, tmp_path / "log"))
+    check_run(f"http://127.0.0.1:{serve_cluster}/fuzz", "fuzz", tmp_path, metrics_port, EXAMPLES)
+
+
+def test_schemathesis_finds_nothing_on_a_generative_gateway(
+    deploy, tmp_path, serve_cluster, metrics_port
+):
+    """The OpenAI-compatible routes' schema, checked like the rest, on a gateway hosting
+    only a generative cascade (so /v1/classify is a documented 404 there)."""
+    generate = {
+        "student": {"path": str(build_tiny_lm(tmp_path / "student", seed=2))},
+        "teacher": {"path": str(build_tiny_lm(tmp_path / "teacher", seed=1))},
+        "threshold": 0.5,
+        "max_new_tokens": 4,
+        "log": {"dir": str(tmp_path / "generations"), "fsync_interval_s": 0.2},
+    }
+    args = {
+        "generate": generate,
+        "limits": {"max_inputs": 8, "max_chars": 300},
+        "torch_threads": 1,
+        "access": {"keys_file": str(steering()[1])},
+    }
+    deploy("fuzz-generate", args)
+    base = f"http://127.0.0.1:{serve_cluster}/fuzz-generate"
+    check_run(base, "fuzz-generate", tmp_path, metrics_port, GENERATE_EXAMPLES)

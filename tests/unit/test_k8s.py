@@ -18,8 +18,10 @@ import yaml
 
 from protege.k8s_gen import (
     CLUSTER_SERVE,
+    GENERATIVE_TEACHER,
     STORAGE,
     GenerateError,
+    cluster_generate,
     generate,
     outputs,
     serve_config,
@@ -132,10 +134,25 @@ def test_the_embedded_serve_config_is_the_local_one_plus_the_cluster_fields(rend
         local["applications"][0].pop("args"),
         embedded["applications"][0].pop("args"),
     )
+    added = [d for d in embedded["applications"][0]["deployments"] if d == GENERATIVE_TEACHER]
+    assert len(added) == 1  # the generative cascade's teacher, beside the local deployments
+    embedded["applications"][0]["deployments"].remove(GENERATIVE_TEACHER)
     assert embedded == local  # deployments, replicas, queues: identical
     for key in cluster_fields(STORAGE):
         local_args.pop(key, None), cluster_args.pop(key)
+    generate = cluster_args.pop("generate")
+    assert generate == {**local_args.pop("generate", {}), **cluster_generate(STORAGE)}
     assert cluster_args == local_args  # the cascade, limits, overload: identical
+
+
+def test_the_rayservice_hosts_both_kinds_behind_one_ingress(rendered):
+    service = next(d for d in rendered["k8s"] if d["kind"] == "RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    config = GatewayConfig.model_validate(app["args"])
+    assert config.student is not None and config.generate is not None
+    assert config.cascade.name != config.generate.name
+    assert str(config.generate.registry).startswith("s3://") and config.generate.log.ship_to
+    assert {d["name"] for d in app["deployments"]} >= {"Gateway", "Teacher", "GenerativeTeacher"}
 
 
 def serve_access(docs: list[dict]) -> list[AccessConfig]:

@@ -642,7 +642,6 @@ INVALID = [
     (CHAT, {"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", None),
     (CHAT, {"logprobs": "yes"}, "logprobs", "invalid_type"),
     (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
-    (CHAT, {"top_logprobs": 2}, "top_logprobs", None),
     (CHAT, {"stream": "yes"}, "stream", "invalid_type"),
     (CHAT, {"stream_options": {"include_usage": True}}, "stream_options", None),
     (CHAT, {"stream": True, "stream_options": {"x": 1}}, "stream_options.x", "unknown_parameter"),
@@ -876,3 +875,14 @@ def test_the_openapi_document_states_the_routes_and_their_errors():
     chat = document["components"]["schemas"]["ChatCompletionRequest"]
     assert chat["additionalProperties"] is False
     assert chat["properties"]["temperature"]["anyOf"][0]["maximum"] == 2
+
+
+def test_top_logprobs_without_logprobs_is_ignored_as_its_schema_says():
+    """The schema lets top_logprobs stand alone (a JSON schema cannot tie it to logprobs:
+    true), so the route accepts it and returns no log-probabilities, as it says."""
+    from serving.generate.openai_schemas import ChatCompletionRequest
+
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}
+    )
+    assert request.top_logprobs_k is None
