@@ -36,6 +36,10 @@ REQUEST_PATH = (
     "serving.classify.decision",
     "serving.generate.service",
     "serving.generate.teacher",
+    "serving.generate.host",
+    "serving.generate.openai_api",
+    "serving.generate.openai_errors",
+    "serving.classify.host",
 )
 KIND_FREE = (
     "serving.guard",

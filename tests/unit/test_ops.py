@@ -132,6 +132,7 @@ def test_metric_names_follow_prometheus_conventions():
         assert "request_id" not in spec.tags and "text" not in spec.tags
         if spec.kind == "histogram":
             assert list(spec.buckets) == sorted(spec.buckets)
+            assert all(b > 0 for b in spec.buckets), spec.name  # Ray refuses 0 and below
         if "latency" in spec.name or "duration" in spec.name:
             assert spec.name.endswith("_seconds")
 
