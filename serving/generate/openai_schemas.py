@@ -228,14 +228,6 @@ class GenerationFields(_Strict, _Neutral):
     def _refuse_unsupported(cls, data: Any) -> Any:
         return cls._drop_neutral(data)
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> GenerationFields:
-        if self.stream_options is not None and not self.stream:
-            raise _refused(
-                "stream_options_without_stream", "stream_options", "only allowed with stream: true"
-            )
-        return self
-
     @property
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -309,20 +301,12 @@ class ChatCompletionRequest(GenerationFields):
         description="The most likely tokens at each position (0-20); used only with logprobs: true",
     )
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ChatCompletionRequest:
-        both = self.max_tokens is not None and self.max_completion_tokens is not None
-        if both and self.max_tokens != self.max_completion_tokens:
-            raise _refused(
-                "conflicting_max_tokens",
-                "max_completion_tokens",
-                "differs from max_tokens; send one of them",
-            )
-        return self
-
     @property
     def new_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+        """The smaller of the two when both are sent: a JSON schema cannot tie them, so both
+        are accepted, and neither budget is exceeded."""
+        given = [n for n in (self.max_tokens, self.max_completion_tokens) if n is not None]
+        return min(given) if given else None
 
     @property
     def top_logprobs_k(self) -> int | None:

@@ -639,11 +639,9 @@ INVALID = [
     (CHAT, {"max_tokens": 0}, "max_tokens", "invalid_value"),
     (CHAT, {"max_tokens": "10"}, "max_tokens", "invalid_type"),
     (CHAT, {"max_completion_tokens": 0}, "max_completion_tokens", "invalid_value"),
-    (CHAT, {"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", None),
     (CHAT, {"logprobs": "yes"}, "logprobs", "invalid_type"),
     (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
     (CHAT, {"stream": "yes"}, "stream", "invalid_type"),
-    (CHAT, {"stream_options": {"include_usage": True}}, "stream_options", None),
     (CHAT, {"stream": True, "stream_options": {"x": 1}}, "stream_options.x", "unknown_parameter"),
     (CHAT, {"protege": {"force_tier": "oracle"}}, "protege.force_tier", "invalid_value"),
     (CHAT, {"protege": {"threshold": 2}}, "protege.threshold", "invalid_value"),
@@ -886,3 +884,19 @@ def test_top_logprobs_without_logprobs_is_ignored_as_its_schema_says():
         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}
     )
     assert request.top_logprobs_k is None
+
+
+def test_cross_field_choices_a_json_schema_cannot_state_are_accepted_and_resolved():
+    """The schema describes what is accepted (schemathesis checks it): both token budgets are
+    taken, the smaller wins; stream_options without stream changes nothing."""
+    from serving.generate.openai_schemas import ChatCompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    both = ChatCompletionRequest.model_validate(
+        {**chat, "max_tokens": 3, "max_completion_tokens": 4}
+    )
+    assert both.new_tokens == 3
+    plain = ChatCompletionRequest.model_validate(
+        {**chat, "stream": False, "stream_options": {"include_usage": True}}
+    )
+    assert plain.stream is False
