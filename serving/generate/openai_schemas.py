@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -41,6 +42,18 @@ ONE, MANY = "one", "many"  # the tags of a "string or list" field (hidden in err
 MAX_STOP = 4
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+
+
+def _whole(value: Any) -> Any:
+    """JSON (and its schema) counts 1710.0 as an integer; a bool stays a bool (refused)."""
+    if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[StrictInt, BeforeValidator(_whole)]
+"""An integer field: 3 and 3.0 are the same number, as in JSON Schema; 3.5 and true are not."""
+
 SEED_MIN, SEED_MAX = -(2**53), 2**53  # torch takes more; these a JSON schema states exactly
 DEFAULT_TEMPERATURE = 0.0
 """protege's default (OpenAI's is 1): greedy, the setting thresholds are calibrated on and
@@ -198,7 +211,7 @@ class GenerationFields(_Strict, _Neutral):
     )
     stream: StrictBool = Field(default=False, description="Answer as server-sent events")
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream")
-    max_tokens: StrictInt | None = Field(
+    max_tokens: WholeNumber | None = Field(
         default=None,
         ge=1,
         description="The most new tokens; clamped to the version's max_new_tokens (the "
@@ -215,7 +228,7 @@ class GenerationFields(_Strict, _Neutral):
     stop: Stop | None = Field(  # type: ignore[valid-type]
         default=None, description="Up to 4 strings that end the answer (left out of it)"
     )
-    seed: StrictInt | None = Field(
+    seed: WholeNumber | None = Field(
         default=None, ge=SEED_MIN, le=SEED_MAX, description="Repeatable sampling, best effort"
     )
     user: StrictStr | None = Field(default=None, description="Accepted and ignored")
@@ -288,13 +301,13 @@ class ChatCompletionRequest(GenerationFields):
     }
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far")
-    max_completion_tokens: StrictInt | None = Field(
+    max_completion_tokens: WholeNumber | None = Field(
         default=None, ge=1, description="The same as max_tokens (OpenAI's newer name)"
     )
     logprobs: StrictBool | None = Field(
         default=None, description="Return each answer token's log-probability"
     )
-    top_logprobs: StrictInt | None = Field(
+    top_logprobs: WholeNumber | None = Field(
         default=None,
         ge=0,
         le=MAX_CHAT_TOP_LOGPROBS,
@@ -332,7 +345,7 @@ class CompletionRequest(GenerationFields):
     }
 
     prompt: StrictStr = Field(min_length=1, description="One prompt (a list is refused)")
-    logprobs: StrictInt | None = Field(
+    logprobs: WholeNumber | None = Field(
         default=None,
         ge=0,
         le=MAX_COMPLETION_LOGPROBS,

@@ -900,3 +900,15 @@ def test_cross_field_choices_a_json_schema_cannot_state_are_accepted_and_resolve
         {**chat, "stream": False, "stream_options": {"include_usage": True}}
     )
     assert plain.stream is False
+
+
+def test_an_integral_float_is_the_integer_json_schema_says_it_is():
+    from pydantic import ValidationError
+
+    from serving.generate.openai_schemas import ChatCompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert ChatCompletionRequest.model_validate({**chat, "max_tokens": 12.0}).max_tokens == 12
+    for bad in (12.5, True, "12"):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({**chat, "max_tokens": bad})
