@@ -21,7 +21,6 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -50,9 +49,6 @@ def _whole(value: Any) -> Any:
         return int(value)
     return value
 
-
-WholeNumber = Annotated[StrictInt, BeforeValidator(_whole)]
-"""An integer field: 3 and 3.0 are the same number, as in JSON Schema; 3.5 and true are not."""
 
 SEED_MIN, SEED_MAX = -(2**53), 2**53  # torch takes more; these a JSON schema states exactly
 DEFAULT_TEMPERATURE = 0.0
@@ -211,7 +207,7 @@ class GenerationFields(_Strict, _Neutral):
     )
     stream: StrictBool = Field(default=False, description="Answer as server-sent events")
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream")
-    max_tokens: WholeNumber | None = Field(
+    max_tokens: StrictInt | None = Field(
         default=None,
         ge=1,
         description="The most new tokens; clamped to the version's max_new_tokens (the "
@@ -228,7 +224,7 @@ class GenerationFields(_Strict, _Neutral):
     stop: Stop | None = Field(  # type: ignore[valid-type]
         default=None, description="Up to 4 strings that end the answer (left out of it)"
     )
-    seed: WholeNumber | None = Field(
+    seed: StrictInt | None = Field(
         default=None, ge=SEED_MIN, le=SEED_MAX, description="Repeatable sampling, best effort"
     )
     user: StrictStr | None = Field(default=None, description="Accepted and ignored")
@@ -239,7 +235,11 @@ class GenerationFields(_Strict, _Neutral):
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
-        return cls._drop_neutral(data)
+        data = cls._drop_neutral(data)
+        if isinstance(data, dict):  # 3.0 is the integer 3, as JSON Schema counts it
+            whole = ("max_tokens", "max_completion_tokens", "seed", "top_logprobs", "logprobs")
+            data = {k: _whole(v) if k in whole else v for k, v in data.items()}
+        return data
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -301,13 +301,13 @@ class ChatCompletionRequest(GenerationFields):
     }
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far")
-    max_completion_tokens: WholeNumber | None = Field(
+    max_completion_tokens: StrictInt | None = Field(
         default=None, ge=1, description="The same as max_tokens (OpenAI's newer name)"
     )
     logprobs: StrictBool | None = Field(
         default=None, description="Return each answer token's log-probability"
     )
-    top_logprobs: WholeNumber | None = Field(
+    top_logprobs: StrictInt | None = Field(
         default=None,
         ge=0,
         le=MAX_CHAT_TOP_LOGPROBS,
@@ -345,7 +345,7 @@ class CompletionRequest(GenerationFields):
     }
 
     prompt: StrictStr = Field(min_length=1, description="One prompt (a list is refused)")
-    logprobs: WholeNumber | None = Field(
+    logprobs: StrictInt | None = Field(
         default=None,
         ge=0,
         le=MAX_COMPLETION_LOGPROBS,
