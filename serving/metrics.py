@@ -202,7 +202,8 @@ SPECS = [
         "protege_generate_teacher_seconds_saved",
         "counter",
         "Teacher decoding time saved by accepted draft tokens (estimated from the teacher's "
-        "measured seconds per token)",
+        "measured seconds per token); savings only: a rejected draft's small extra cost is "
+        "not subtracted, so read it as an upper bound",
     ),
 ]
 

@@ -1,5 +1,6 @@
 """Metrics proven against a real Prometheus (Debian's package) scraping the real Ray metrics
-port of a real local Ray Serve app, plus a real Pushgateway for the distillation job."""
+port of a real local Ray Serve app hosting both kinds of cascade, plus a real Pushgateway
+for the distillation job."""
 
 import json
 import re
@@ -9,10 +10,12 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import yaml
 from conftest import auth, free_port, steering, tiny_config, wait_for
 from ray import serve
+from tiny_lm import build_tiny_lm
 from tiny_models import LABELS, build_tiny
 
 from distill import metrics as distill_metrics
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "protege.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 APP = "metrics"
+GENERATE = "chat:tiny"
 
 
 def need(binary: str) -> str:
@@ -128,10 +132,61 @@ def add_version(registry: Registry, tmp_path: Path, seed: int) -> str:
     return registry.publish(staged)
 
 
+def generative_cascade(tmp: Path) -> dict:
+    """A generative cascade of tiny random Llamas: the teacher is the student's weights
+    scaled by 1.05, so their greedy answers share a prefix and drafts are partly accepted."""
+    student = build_tiny_lm(tmp / "lm-student", seed=2)
+    teacher = build_tiny_lm(tmp / "lm-teacher", seed=2, init=0.21)
+    return {
+        "name": GENERATE,
+        "student": {"path": str(student)},
+        "teacher": {"path": str(teacher)},
+        "threshold": 0.0,  # kept unless steered, none audited: the counts are known
+        "audit_fraction": 0.0,
+        "max_prompt_tokens": 48,
+        "max_new_tokens": 8,
+        "log": {"dir": str(tmp / "gen-log"), "fsync_interval_s": 0.2},
+    }
+
+
+def generation_traffic(url: str) -> None:
+    """3 kept answers, 4 greedy chats forced to the teacher (drafts verified), a streamed
+    completion escalated by its threshold, a sampled chat forced to the teacher (no draft)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=steering()[0], max_retries=0, timeout=60)
+    chat = client.chat.completions
+    for i in range(2):
+        kept = chat.create(model=GENERATE, messages=[{"role": "user", "content": f"headline {i}"}])
+        assert kept.protege["tier"] == "student"
+    assert client.completions.create(model=GENERATE, prompt="headline").protege["tier"] == "student"
+    for i in range(4):
+        forced = chat.create(
+            model=GENERATE,
+            messages=[{"role": "user", "content": f"generation headline {i}"}],
+            extra_body={"protege": {"force_tier": "teacher"}},
+        )
+        assert forced.protege["draft"] == "verified", forced.protege
+    stream = client.completions.create(
+        model=GENERATE,
+        prompt="generation headline 3",
+        stream=True,
+        extra_body={"protege": {"threshold": 1.0}},
+    )
+    assert list(stream)[-1].protege["escalated"]
+    sampled = chat.create(
+        model=GENERATE,
+        messages=[{"role": "user", "content": "sampled headline"}],
+        temperature=1.0,
+        seed=7,
+        extra_body={"protege": {"force_tier": "teacher"}},
+    )
+    assert sampled.protege["tier"] == "teacher" and sampled.protege["draft"] != "verified"
+
+
 @pytest.fixture(scope="module")
 def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory):
     """Known traffic: 10 student-only requests, 6 forced to the teacher, 4 refused, audits of
-    the kept ones, a rotated log, one hot swap, one pushed distillation run."""
+    the kept ones, a rotated log, one hot swap, the generation traffic above on the same
+    gateway, one pushed distillation run."""
     tmp = tmp_path_factory.mktemp("metrics-app")
     registry = Registry(tmp / "registry")
     first, second = add_version(registry, tmp, 31), add_version(registry, tmp, 32)
@@ -142,6 +197,7 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
         registry=str(registry.root),
         cascade={"threshold": 0.5, "audit_fraction": 1.0, "audit_teacher": "online"},
         log={"dir": str(tmp / "log"), "max_segment_bytes": 3000, "fsync_interval_s": 0.2},
+        generate=generative_cascade(tmp),
     )
     app = {
         "applications": [
@@ -169,6 +225,7 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
             {"inputs": ["a"] * 9},
         ):
             assert httpx.post(f"{url}/v1/classify", json=body, headers=auth()).status_code == 422
+        generation_traffic(url)
         local_ray.deploy_config(with_student(app, second), tmp)
         wait_for(lambda: client.model().protege.student.version == second, timeout_s=60)
     # a teacher that always times out: degraded answers and teacher failures
@@ -248,12 +305,37 @@ def test_counts_match_the_traffic_sent(prometheus, traffic):
         at_least=True,
     )
     settles(prometheus, f'sum(ray_protege_hot_swaps_total{{{base},result="success"}})', 1)
-    # audits of the 10 kept inputs land in the log with the 6 forced ones: 16 records
-    settles(prometheus, f"sum(ray_protege_log_records_total{{{base}}})", 16)
+    # audits of the 10 kept inputs land in the log with the 6 forced ones (16 records), the
+    # 6 escalated generations in the generative cascade's own log
+    settles(prometheus, f"sum(ray_protege_log_records_total{{{base}}})", 22)
     settles(prometheus, f"sum(ray_protege_log_rotations_total{{{base}}})", 1, at_least=True)
     degraded = 'application="metrics-degraded"'
     settles(prometheus, f'sum(ray_protege_inputs_total{{{degraded},outcome="degraded"}})', 2)
     settles(prometheus, f'sum(ray_protege_teacher_failures_total{{{degraded},kind="timeout"}})', 1)
+
+
+def test_generation_counts_match_the_traffic_sent(prometheus, traffic):
+    base = f'application="{APP}"'
+    settles(prometheus, f'sum(ray_protege_generate_requests_total{{{base},tier="student"}})', 3)
+    settles(prometheus, f'sum(ray_protege_generate_requests_total{{{base},tier="teacher"}})', 6)
+    settles(prometheus, f'sum(ray_protege_generate_requests_total{{{base},outcome="ok"}})', 9)
+    settles(prometheus, f'sum(ray_protege_generate_escalations_total{{{base},reason="forced"}})', 6)
+    settles(prometheus, f'sum(ray_protege_generate_drafts_total{{{base},use="verified"}})', 5)
+    settles(prometheus, f'sum(ray_protege_generate_drafts_total{{{base},use="none"}})', 1)
+    settles(prometheus, f"sum(ray_protege_generate_draft_accepted_share_count{{{base}}})", 5)
+    # the teacher kept some of the drafts' tokens
+    shares = f"sum(ray_protege_generate_draft_accepted_share_sum{{{base}}})"
+    settles(prometheus, shares, 1e-9, at_least=True)
+    settles(prometheus, f"sum(ray_protege_generate_first_byte_seconds_count{{{base}}})", 9)
+    settles(prometheus, f"sum(ray_protege_generate_confidence_count{{{base}}})", 9)
+    # the student answered all 9 (a token at least each); the teacher wrote the draft
+    # tokens it did not keep, and the sampled answer
+    tokens = 'sum(ray_protege_generate_tokens_total{%s,model="%s"})'
+    settles(prometheus, tokens % (base, "student"), 9, at_least=True)
+    settles(prometheus, tokens % (base, "teacher"), 1, at_least=True)
+    # the accepted drafts spared the teacher decode steps
+    saved = f"sum(ray_protege_generate_teacher_seconds_saved_total{{{base}}})"
+    settles(prometheus, saved, 1e-9, at_least=True)
 
 
 def test_the_jobs_offline_audit_agreement_reaches_the_recording_rule(prometheus, traffic):
@@ -292,6 +374,7 @@ def test_no_metric_carries_user_text_or_request_ids(prometheus, traffic):
         "figure",
         "result",
         "agreement",
+        "use",
         "Version",
         "SessionName",
         "NodeAddress",
