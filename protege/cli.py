@@ -1,6 +1,7 @@
 """``protege``: build the default models, serve, run the demo and the benchmark.
 
 protege models build [--cache var/cache] [--profile full|lite]
+protege models build-generate [--cache var/cache] [--profile full|lite]
 protege init TASK.yaml [--force]
 protege serve [--config deploy/serve_config.yaml] [--port 8000]
 protege keys new NAME [--overrides] [--file api-keys.yaml]
@@ -42,6 +43,21 @@ def _models_build(args: argparse.Namespace) -> int:
         return 3
     print(f"\nthe default task is built in {args.cache} (task file: {args.cache / 'task.yaml'})")
     print_init_report(report)
+    return 0
+
+
+def _models_build_generate(args: argparse.Namespace) -> int:
+    from protege.bbc import MissingPackageError
+    from protege.default_generate import build_generate, format_report
+
+    try:
+        report = build_generate(args.cache, args.profile, args.device)
+    except MissingPackageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    print(f"\nthe generative pair is built in {args.cache / 'generate'}")
+    print(format_report(report))
+    print(f"serve it:   protege serve --config {args.cache / 'generate' / 'serve_config.yaml'}")
     return 0
 
 
@@ -291,6 +307,15 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--profile", choices=["full", "lite"], default="full")
     build.add_argument("--device", default="auto", help="auto, cpu or cuda")
     build.set_defaults(func=_models_build)
+    build_gen = models.add_parser(
+        "build-generate",
+        help="build the generative pair (SmolLM2 teacher, layer-pruned student) into "
+        "CACHE/generate (once)",
+    )
+    build_gen.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    build_gen.add_argument("--profile", choices=["full", "lite"], default="full")
+    build_gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    build_gen.set_defaults(func=_models_build_generate)
 
     init = sub.add_parser(
         "init", help="check a task's teacher/student pair, calibrate the seed, make it servable"
