@@ -33,6 +33,7 @@ from serving.config_sections import (  # noqa: F401
 )
 from serving.contracts import defaults
 from serving.contracts.storage import StoreURI
+from serving.contracts.threshold import check_one_rule
 from serving.generate.config import GenerateCascadeConfig
 from serving.schemas import CLASSIFY_CASCADE, MODEL_ID
 
@@ -104,19 +105,7 @@ class CascadeConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_rule(self) -> CascadeConfig:
-        given = {
-            k: v
-            for k, v in (
-                ("threshold", self.threshold),
-                ("target_escalation_rate", self.target_escalation_rate),
-                ("target_agreement", self.target_agreement),
-            )
-            if v is not None
-        }
-        if len(given) > 1:
-            raise ValueError(
-                f"give at most one of threshold, target_escalation_rate, target_agreement; got {given}"
-            )
+        check_one_rule(self)
         return self
 
 

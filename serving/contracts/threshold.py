@@ -33,6 +33,23 @@ class ThresholdSettings(Protocol):
     def target_agreement(self) -> float | None: ...
 
 
+def check_one_rule(settings: ThresholdSettings) -> None:
+    """A cascade's config gives at most one of a fixed threshold and the two targets."""
+    given = {
+        k: v
+        for k, v in (
+            ("threshold", settings.threshold),
+            ("target_escalation_rate", settings.target_escalation_rate),
+            ("target_agreement", settings.target_agreement),
+        )
+        if v is not None
+    }
+    if len(given) > 1:
+        raise ValueError(
+            f"give at most one of threshold, target_escalation_rate, target_agreement; got {given}"
+        )
+
+
 @dataclass(frozen=True)
 class FixedTarget:
     """A threshold target given outside any config (the optimiser, tests)."""

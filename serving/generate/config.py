@@ -24,6 +24,7 @@ from serving.config_sections import BatchingConfig, LogConfig
 from serving.contracts import defaults
 from serving.contracts.manifest import ModelManifest
 from serving.contracts.storage import StoreURI
+from serving.contracts.threshold import check_one_rule
 from serving.generate.agreement import DEFAULT_AGREEMENT_CUT
 from serving.generate.scorers import ScorerName
 
@@ -139,19 +140,7 @@ class GenerateCascadeConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_rule(self) -> GenerateCascadeConfig:
-        given = {
-            k: v
-            for k, v in (
-                ("threshold", self.threshold),
-                ("target_escalation_rate", self.target_escalation_rate),
-                ("target_agreement", self.target_agreement),
-            )
-            if v is not None
-        }
-        if len(given) > 1:
-            raise ValueError(
-                f"give at most one of threshold, target_escalation_rate, target_agreement; got {given}"
-            )
+        check_one_rule(self)
         return self
 
 

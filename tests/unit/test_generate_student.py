@@ -4,10 +4,9 @@ classifier."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from polling import wait_for
 from pydantic import ValidationError
 from tiny_lm import build_tiny_lm
 
@@ -111,13 +110,6 @@ def test_the_loader_refuses_a_classification_version(tmp_path):
         load_student(folder, config(threshold=0.5), "cpu")
 
 
-def wait_until(condition, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "the swap never finished"
-        time.sleep(0.01)
-
-
 def test_the_slot_hot_swaps_a_generative_student(versions):
     one, two = versions
     cascade = config(target_agreement=0.9)
@@ -126,7 +118,7 @@ def test_the_slot_hot_swaps_a_generative_student(versions):
     )
     slot = StudentSlot(initial, cascade, "cpu", None, loader=load_student)  # type: ignore[arg-type]
     assert slot.request("two", two)
-    wait_until(lambda: slot.stats.loading is None)
+    wait_for(lambda: slot.stats.loading is None, timeout_s=60.0, every_s=0.01)
     assert slot.active.version == "two" and slot.stats.swaps == 1
     assert slot.active.rule.value == pytest.approx(0.3)  # calibrated for agreement 0.9
     # a threshold override for the serving version applies in place, with no load
