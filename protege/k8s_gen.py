@@ -108,9 +108,15 @@ def serve_config(source: Path, storage: str = STORAGE) -> dict[str, Any]:
         args = app.setdefault("args", {})
         for key, value in cluster_args(storage).items():
             args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value
-        args["generate"] = {**args.get("generate", {}), **cluster_generate(storage)}
+        generate = cluster_generate(storage)
+        remote = "url" in (args.get("generate") or {}).get("teacher", {})
+        if remote:  # a teacher behind its own server: kept as written, no deployment for it
+            generate.pop("teacher")
+        args["generate"] = {**args.get("generate", {}), **generate}
         deployments = app.setdefault("deployments", [])
-        if not any(d.get("name") == GENERATIVE_TEACHER["name"] for d in deployments):
+        if remote:
+            deployments[:] = [d for d in deployments if d.get("name") != GENERATIVE_TEACHER["name"]]
+        elif not any(d.get("name") == GENERATIVE_TEACHER["name"] for d in deployments):
             deployments.append(copy.deepcopy(GENERATIVE_TEACHER))
     _check_serve(config, source)
     return config

@@ -5,8 +5,9 @@
 The builder validates the config (the models' folders, labels, tokenizers and threshold
 rules, the keys) before anything is deployed, so a bad config fails at once with a message
 instead of a replica crash loop. It binds the teacher of every cascade the config hosts
-(``Teacher`` for a classification cascade, ``GenerativeTeacher`` for a generative one)
-behind the one ingress, ``Gateway``.
+(``Teacher`` for a classification cascade, ``GenerativeTeacher`` for a generative one,
+none for a generative cascade whose teacher is a remote server) behind the one ingress,
+``Gateway``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ from serving.config import GatewayConfig
 from serving.contracts.manifest import read_manifest
 from serving.contracts.threshold import resolve_threshold
 from serving.gateway import Gateway
-from serving.generate.config import GenerateCascadeConfig, resolve_limits
+from serving.generate.config import (
+    GenerateCascadeConfig,
+    LanguageModelSpec,
+    RemoteTeacherSpec,
+    resolve_limits,
+)
 from serving.generate.models import load_tokenizer
+from serving.generate.remote_teacher import api_key
 from serving.generate.teacher import GenerativeTeacher
 from serving.hot_swap import import_loader
 
@@ -84,7 +91,12 @@ def check_generate(config: GenerateCascadeConfig) -> None:
     template; the student is a generative version whose threshold rule resolves and whose
     limits fit its window."""
     windows = {}
-    for role, spec in (("student", config.student), ("teacher", config.teacher)):
+    models: list[tuple[str, LanguageModelSpec]] = [("student", config.student)]
+    if isinstance(config.teacher, RemoteTeacherSpec):
+        check_remote_teacher(config.teacher)
+    else:
+        models.append(("teacher", config.teacher))
+    for role, spec in models:
         where = f"generate.{role}.path={spec.path}"
         if not (spec.path / "config.json").exists():
             raise ConfigError(
@@ -125,6 +137,23 @@ def check_generate(config: GenerateCascadeConfig) -> None:
         ) from None
 
 
+def check_remote_teacher(spec: RemoteTeacherSpec) -> None:
+    """Its key variable is set when named (fail closed); its tokenizer, when given, loads.
+    Whether the server answers is the readiness probe's concern, not the config's."""
+    try:
+        api_key(spec.api_key_env)
+    except ValueError as exc:
+        raise ConfigError(f"generate.teacher: {exc}") from None
+    if spec.tokenizer is not None:
+        try:
+            load_tokenizer(spec.tokenizer)
+        except Exception as exc:
+            raise ConfigError(
+                f"generate.teacher.tokenizer={spec.tokenizer}: it cannot be loaded ({exc}); "
+                "point it at a folder holding the served model's tokenizer files"
+            ) from None
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """The application: the ingress and the teacher of every cascade the config hosts."""
     config = load_config(args)
@@ -135,7 +164,7 @@ def build_app(args: dict[str, Any]) -> Application:
             config.teacher, config.batching, config.device, config.torch_threads
         )
     generative_teacher = None
-    if config.generate is not None:
+    if config.generate is not None and isinstance(config.generate.teacher, LanguageModelSpec):
         generative_teacher = GenerativeTeacher.bind(  # type: ignore[attr-defined]
             str(config.generate.teacher.path),
             config.generate.teacher_batching,

@@ -55,7 +55,8 @@ class Gateway:
         generative_teacher: DeploymentHandle | None = None,
     ) -> None:
         """``teacher`` is the classification cascade's teacher deployment (None when the
-        config hosts none), ``generative_teacher`` the generative cascade's."""
+        config hosts none), ``generative_teacher`` the generative cascade's (None for a remote
+        teacher)."""
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config
@@ -69,8 +70,6 @@ class Gateway:
             self.classify_host = ClassifyHost(config, teacher, self.metrics, replica, started)
         self.generate_host: GenerateHost | None = None
         if config.generate is not None:
-            if generative_teacher is None:
-                raise ValueError("the generative cascade needs its teacher deployment")
             self.generate_host = GenerateHost(
                 config.generate,
                 generative_teacher,

@@ -44,6 +44,29 @@ class LanguageModelSpec(_Strict):
     path: Path = Field(description="A Hugging Face causal-LM folder (safetensors, tokenizer)")
 
 
+class RemoteTeacherSpec(_Strict):
+    """A teacher behind an OpenAI-compatible server (vLLM, a hosted API): it generates
+    from scratch (an API offers no pass that verifies a draft)."""
+
+    url: str = Field(
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="The server's base URL, ending in /v1 (http://host:8000/v1)",
+    )
+    model: str = Field(min_length=1, description="The model the server serves, as `model`")
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The environment variable holding its key (sent as a bearer token); "
+        "unset or empty while named is an error, never an unauthenticated call",
+    )
+    tokenizer: Path | None = Field(
+        default=None,
+        description="A local folder with the served model's tokenizer: the API names tokens "
+        "by text, and this maps them to ids so the log keeps the top-k (without it, "
+        "records keep the teacher's text only)",
+    )
+
+
 class GenerateOverloadConfig(_Strict):
     teacher_max_in_flight: PositiveInt = Field(
         default=16,
@@ -59,7 +82,10 @@ class GenerateCascadeConfig(_Strict):
         description="The model id clients send as `model` (and /v1/models lists)",
     )
     student: LanguageModelSpec
-    teacher: LanguageModelSpec
+    teacher: LanguageModelSpec | RemoteTeacherSpec = Field(
+        description="A causal-LM folder ({path}), or an OpenAI-compatible server "
+        "({url, model, api_key_env, tokenizer})"
+    )
     scorer: ScorerName = Field(
         default=DEFAULT_SCORER,
         description="A generation scorer over the student's own token log-probabilities: "

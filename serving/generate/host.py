@@ -1,7 +1,8 @@
 """The generative cascade inside a gateway replica: its student slot (loaded by
 :func:`serving.generate.student.load_student`) and, with its own registry, the pointer
-follower; its log in its own folder; the generation service over the teacher
-deployment's handle; its teacher probe and its ``/v1/models`` entry.
+follower; its log in its own folder; the generation service over its teacher (the teacher
+deployment's handle, or a remote OpenAI-compatible server); its teacher probe and its
+``/v1/models`` entry.
 
 The gateway (``serving.gateway``) creates this host when its config has a ``generate``
 section, and the OpenAI-compatible routes (:mod:`serving.generate.openai_api`) reach the
@@ -17,10 +18,12 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from serving.follow import Following, first_student, open_registry
-from serving.generate.config import GenerateCascadeConfig
+from serving.generate.config import GenerateCascadeConfig, RemoteTeacherSpec
+from serving.generate.remote_teacher import RemoteTeacher, api_key
 from serving.generate.service import GenerationService
 from serving.generate.student import GenerativeStudent, load_student
 from serving.generate.teacher import HandleTeacher
+from serving.generate.teacher_engine import TeacherClient
 from serving.hot_swap import ActiveStudent, StudentSlot
 from serving.http_api import Readiness
 from serving.log_sink import LogSink
@@ -31,11 +34,23 @@ from serving.teacher_probe import TeacherProbe
 logger = logging.getLogger("ray.serve")
 
 
+def teacher_client(
+    config: GenerateCascadeConfig, deployment: DeploymentHandle | None
+) -> TeacherClient:
+    """The cascade's teacher: a remote server, or the teacher deployment's handle."""
+    spec = config.teacher
+    if isinstance(spec, RemoteTeacherSpec):
+        return RemoteTeacher(spec.url, spec.model, api_key(spec.api_key_env), spec.tokenizer)
+    if deployment is None:
+        raise ValueError("the generative cascade needs its teacher deployment")
+    return HandleTeacher(deployment)
+
+
 class GenerateHost:
     def __init__(
         self,
         config: GenerateCascadeConfig,
-        teacher: DeploymentHandle,
+        teacher: DeploymentHandle | None,
         metrics: ReplicaMetrics,
         *,
         replica: str,
@@ -64,7 +79,11 @@ class GenerateHost:
         # its own folder: an unusable one is counted and retried, never fatal
         self.log = LogSink(config.log, replica, metrics, s3_endpoint)
         self.service = GenerationService(
-            config, lambda: self.following.slot.active, HandleTeacher(teacher), self.log, metrics
+            config,
+            lambda: self.following.slot.active,
+            teacher_client(config, teacher),
+            self.log,
+            metrics,
         )
         self.teacher_probe = TeacherProbe(self.service, self._teacher_details, unready_after_s)
         logger.info("generative student %s ready (%s)", initial.version, initial.rule.description)

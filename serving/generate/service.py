@@ -483,7 +483,7 @@ class GenerationService:
                 text=run.teacher_text,
                 version=done.version,
                 token_ids=run.teacher_ids,
-                top_logprobs=run.teacher_top if run.teacher_top else None,
+                top_logprobs=_named_top(run),
                 draft_tokens=done.draft_tokens,
                 draft_accepted=done.accepted,
             )
@@ -546,6 +546,27 @@ def _clamped(settings: SamplingSettings, limit: int) -> SamplingSettings:
         stop=settings.stop,
         seed=settings.seed,
     )
+
+
+def _named_top(run: _Run) -> list[TopLogprobs] | None:
+    """The teacher's top-k as the log keeps it: cut to the most alternatives that every
+    position names by distinct ids (a remote teacher names tokens by text, and a text its
+    tokenizer cannot map, as partial UTF-8, has none; see ``remote_teacher``); None when
+    an answer token itself is unnamed or nothing is left."""
+    top, ids = run.teacher_top, run.teacher_ids
+    if not top or len(top) != len(ids) or min(ids) < 0:
+        return None
+    k = min(_named_prefix(position) for position in top)
+    return [position[:k] for position in top] if k else None
+
+
+def _named_prefix(position: TopLogprobs) -> int:
+    seen: set[int] = set()
+    for i, _ in position:
+        if i < 0 or i in seen:
+            break
+        seen.add(i)
+    return len(seen)
 
 
 def _describe(exc: BaseException) -> str:

@@ -249,3 +249,21 @@ def test_the_image_installs_what_make_install_installs():
     torch = re.search(r"pip install -q (torch==\S+)", makefile)
     assert torch is not None and dockerfile.count(torch.group(1)) == 2  # CPU and GPU builds
     assert "install -q -e '.[dev]'" in makefile and "pip install --no-cache-dir -e ." in dockerfile
+
+
+def test_a_remote_generative_teacher_is_kept_and_gets_no_deployment(tmp_path):
+    source = yaml.safe_load((ROOT / "deploy/serve_config.yaml").read_text())
+    app = source["applications"][0]
+    remote = {"url": "http://vllm.models.svc:8000/v1", "model": "big", "api_key_env": "KEY"}
+    app["args"]["generate"] = {"student": {"path": "/x"}, "teacher": remote}
+    app.setdefault("deployments", []).append(copy.deepcopy(GENERATIVE_TEACHER))
+    (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(source))
+    config = serve_config(tmp_path / "serve_config.yaml")
+    (app,) = config["applications"]
+    assert app["args"]["generate"]["teacher"] == remote
+    assert app["args"]["generate"]["registry"] == cluster_generate(STORAGE)["registry"]
+    assert GENERATIVE_TEACHER["name"] not in {d["name"] for d in app["deployments"]}
+    local = serve_config(ROOT / "deploy/serve_config.yaml")  # a local teacher: its deployment
+    assert GENERATIVE_TEACHER["name"] in {
+        d["name"] for d in local["applications"][0]["deployments"]
+    }
