@@ -1,6 +1,6 @@
 """The remote teacher's side of the OpenAI protocol: what it asks, how it reads a stream,
 how it names tokens, how it fails. The server here is a stand-in (``httpx.MockTransport``)
-speaking the wire format; tests/integration/test_remote_teacher.py asks protege's own
+speaking the wire format; tests/integration/test_remote_teacher_served.py asks protege's own
 teacher served alone on its OpenAI routes."""
 
 from __future__ import annotations
