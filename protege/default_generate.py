@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from distill.causal_lm import CausalExample, CausalTrainSettings, train_causal_lm
+from distill.greedy import Answers, answer_ids, greedy_answers
+from distill.greedy import calibrate as calibrate_answers
 from protege import headline_task as task
 from protege.default_models import fixed_threads
 from protege.headline_task import HeadlinePrompt
@@ -46,7 +48,6 @@ from serving.contracts.manifest import (
     Calibration,
     DefaultTarget,
     ModelManifest,
-    make_calibration,
     weights_digest,
     write_manifest,
 )
@@ -54,14 +55,10 @@ from serving.contracts.registry import Registry
 from serving.contracts.threshold import should_escalate
 from serving.generate.agreement import rouge_l_many
 from serving.generate.config import DEFAULT_SCORER
-from serving.generate.draft_rule import draft_cut
-from serving.generate.generation import Generated, SamplingSettings, generate_batch
 from serving.generate.models import LanguageModel, load_language_model, render_chat
-from serving.generate.scorers import SCORERS
 
 BUILD_SEED = 0
 BUILD_INFO = "build.json"  # how a model folder was made (training figures)
-TABLE_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -142,44 +139,12 @@ class Stages:
         print(f"[build-generate] {name}: {self.seconds[name]} s", flush=True)
 
 
-@dataclass(frozen=True)
-class Answers:
-    """Greedy answers to a list of prompts, and what they cost."""
-
-    generated: list[Generated]
-    seconds: float
-
-    @property
-    def texts(self) -> list[str]:
-        return [g.text for g in self.generated]
-
-    @property
-    def stop_rate(self) -> float:
-        return float(np.mean([g.finish_reason == "stop" for g in self.generated]))
-
-    @property
-    def tokens_per_s(self) -> float:
-        return sum(g.completion_tokens for g in self.generated) / max(self.seconds, 1e-9)
-
-
 def answer(
     lm: LanguageModel, prompts: Sequence[HeadlinePrompt], profile: GenerateProfile
 ) -> Answers:
-    """Greedy answers, ``batch_size`` prompts at a time (sorted by length, so a batch pads
-    little), returned in the prompts' order."""
+    """Greedy answers to the prompts' chats, in their order."""
     ids = [render_chat(lm.tokenizer, p.messages()) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    settings = SamplingSettings(max_new_tokens=profile.max_new_tokens)
-    out: dict[int, Generated] = {}
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for first in range(0, len(order), profile.batch_size):
-            chunk = order[first : first + profile.batch_size]
-            for i, generated in zip(
-                chunk, generate_batch(lm, [ids[i] for i in chunk], settings), strict=True
-            ):
-                out[i] = generated
-    return Answers([out[i] for i in range(len(ids))], time.perf_counter() - start)
+    return greedy_answers(lm, ids, profile.max_new_tokens, profile.batch_size)
 
 
 def one_at_a_time(
@@ -192,11 +157,6 @@ def one_at_a_time(
 def quality(answers: Answers, prompts: Sequence[HeadlinePrompt]) -> dict[str, float]:
     gold = rouge_l_many(answers.texts, [p.headline for p in prompts])
     return {"gold_rouge_l": float(gold.mean()), "stop_rate": answers.stop_rate}
-
-
-def answer_ids(generated: Generated, eos_id: int) -> list[int]:
-    """What the model wrote, with the end-of-turn token when it stopped on its own."""
-    return list(generated.token_ids) + ([eos_id] if generated.finish_reason == "stop" else [])
 
 
 def train(
@@ -318,68 +278,17 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def accepted_share(draft: Sequence[int], teacher: Sequence[int]) -> float:
-    """The share of the student's draft the teacher keeps at temperature 0: the common
-    prefix of the two greedy answers (what one verification pass accepts)."""
-    if not draft:
-        return 0.0
-    same = 0
-    for a, b in zip(draft, teacher, strict=False):
-        if a != b:
-            break
-        same += 1
-    return same / len(draft)
-
-
-def escalation_table(
-    confidences: dict[str, np.ndarray], agrees: np.ndarray
-) -> dict[str, dict[str, float]]:
-    from serving.contracts.threshold import threshold_for_agreement
-
-    table: dict[str, dict[str, float]] = {}
-    for target in TABLE_TARGETS:
-        table[f"{target:.2f}"] = {
-            name: float(np.mean(should_escalate(c, threshold_for_agreement(c, agrees, target))))
-            for name, c in confidences.items()
-        }
-    return table
-
-
 def calibrate(
     student: LanguageModel,
     teacher: LanguageModel,
     traffic: list[HeadlinePrompt],
     profile: GenerateProfile,
 ) -> tuple[Calibration, dict[str, Any]]:
-    """The seed student's calibration on traffic it never trained on: its greedy answers'
-    confidences under every scorer, their agreement with the teacher's greedy answers
-    (ROUGE-L >= the cut), and the draft rule's cut from the share of each draft the
-    teacher would keep."""
+    """The seed student's calibration on traffic it never trained on (see
+    :func:`distill.greedy.calibrate`)."""
     mine, theirs = answer(student, traffic, profile), answer(teacher, traffic, profile)
-    logprobs = [g.logprobs for g in mine.generated]
-    confidences = {name: scorer(logprobs) for name, scorer in SCORERS.items()}
-    rouge = rouge_l_many(mine.texts, theirs.texts)
-    agrees = rouge >= profile.agreement_cut
-    calibration = make_calibration(
-        confidences, agrees, f"{len(traffic)} prompts of the task's traffic (data/traffic.jsonl)"
-    )
-    shares = np.array(
-        [
-            accepted_share(a.token_ids, b.token_ids)
-            for a, b in zip(mine.generated, theirs.generated, strict=True)
-        ]
-    )
-    cut = draft_cut(confidences[DEFAULT_SCORER], shares)
-    figures = {
-        "traffic_prompts": len(traffic),
-        "student_teacher_rouge_l": float(rouge.mean()),
-        "agreement": float(agrees.mean()),
-        "accepted_draft_share": float(shares.mean()),
-        "draft_min_confidence": cut,
-        "drafts_used": float(np.mean(confidences[DEFAULT_SCORER] >= cut)),
-        "escalation_by_target": escalation_table(confidences, agrees),
-    }
-    return calibration, figures
+    source = f"{len(traffic)} prompts of the task's traffic (data/traffic.jsonl)"
+    return calibrate_answers(mine, theirs, profile.agreement_cut, source)
 
 
 def build_generate(

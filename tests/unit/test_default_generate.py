@@ -15,11 +15,11 @@ from tiny_lm import build_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.causal_lm import CausalTrainSettings
+from distill.greedy import accepted_share
 from protege import headline_task
 from protege.default_generate import (
     PROFILES,
     GenerateProfile,
-    accepted_share,
     assign,
     build_generate,
     tune_teacher,
