@@ -116,9 +116,9 @@ def prepare(spec: TaskSpec, *, force: bool = False, device: str = "auto") -> Pre
     if spec.replay_examples is not None:
         write_jsonl(spec.work / "replay.jsonl", _labelled_rows(*replay, labels))
     models = spec.work / "models"
-    teacher_dir = _materialise(spec.teacher, models / "teacher")
+    teacher_dir = materialise(spec.teacher, models / "teacher")
     teacher_version = _plain_manifest(teacher_dir, "teacher", labels, spec.max_tokens)
-    student_dir = _materialise(spec.student, models / "student")
+    student_dir = materialise(spec.student, models / "student")
 
     cache = spec.work / "cache"
     teacher = Classifier(teacher_dir, device=device, max_tokens=spec.max_tokens)
@@ -211,7 +211,7 @@ def _labelled_rows(texts: list[str], indices: list[int], labels: list[str]) -> l
     return [{"text": t, "label": labels[i]} for t, i in zip(texts, indices, strict=True)]
 
 
-def _materialise(source: Path, target: Path) -> Path:
+def materialise(source: Path, target: Path) -> Path:
     """A folder of the source's files (hard links where the file system allows) that
     protege may add its manifest to without touching the user's folder."""
     if target.resolve() == source.resolve():

@@ -26,7 +26,7 @@ def read_rows(path: Path, columns: list[str]) -> list[dict[str, str]]:
     if suffix not in SUFFIXES:
         raise TableError(f"{path}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
-        rows = _read(path, suffix)
+        rows = read_table(path, suffix)
     except UnicodeDecodeError:
         raise TableError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
     if not rows:
@@ -43,7 +43,8 @@ def read_rows(path: Path, columns: list[str]) -> list[dict[str, str]]:
     return [{c: str(row[c]) for c in columns} for row in rows]
 
 
-def _read(path: Path, suffix: str) -> list[dict[str, object]]:
+def read_table(path: Path, suffix: str) -> list[dict[str, object]]:
+    """The rows of a JSON-lines, CSV or Parquet file, as dictionaries."""
     if suffix == ".jsonl":
         return _jsonl(path)
     if suffix == ".csv":  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark

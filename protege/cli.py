@@ -6,7 +6,7 @@ protege init TASK.yaml [--force]
 protege serve [--config deploy/serve_config.yaml] [--port 8000]
 protege keys new NAME [--overrides] [--file api-keys.yaml]
 protege demo
-protege bench
+protege bench [--task classify|generate]
 protege soak
 """
 
@@ -26,6 +26,7 @@ from protege import distill_cli, optimize_cli, registry_cli
 DEFAULT_CACHE = Path(os.environ.get("PROTEGE_CACHE", "var/cache"))
 # the pages whose generated blocks these commands write (when run from a checkout)
 BENCH_DOCS, SPREAD_DOCS = "docs/benchmark.md", "docs/learning-loop.md"
+GENERATE_DOCS = "docs/generation.md"
 GATE_DOCS = "docs/gate.md"
 DOCS_HELP = (
     "the docs page whose block {block} to write (default: {page} when it exists; '' for none)"
@@ -63,17 +64,51 @@ def _models_build_generate(args: argparse.Namespace) -> int:
 
 def _init(args: argparse.Namespace) -> int:
     from distill.prepare import prepare
+    from distill.prepare_generate import prepare_generate
     from distill.tables import TableError
-    from distill.task import TaskError, load_task
+    from distill.task import GenerateTaskSpec, TaskError, load_task
 
     try:
         spec = load_task(args.task)
+        if isinstance(spec, GenerateTaskSpec):
+            report = prepare_generate(spec, force=args.force, device=args.device)
+            print_generate_init_report(report)
+            return 0
         prepared = prepare(spec, force=args.force, device=args.device)
     except (TaskError, TableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_init_report(prepared.report)
     return 0
+
+
+def print_generate_init_report(report: dict) -> None:
+    from distill.prepare import format_table
+
+    figures = report["figures"]
+    print(f"generative task {report['task']} (distillation: {report['distillation']})")
+    print(f"  teacher {report['teacher']}")
+    print(f"  seed student {report['student']} (current in {report['registry']})")
+    print(
+        f"  on {figures['traffic_prompts']} traffic prompts: the student agrees with the "
+        f"teacher (ROUGE-L >= the cut) on {figures['agreement']:.1%}, ROUGE-L "
+        f"{figures['student_teacher_rouge_l']:.3f}"
+    )
+    if "gold_prompts" in figures:
+        print(
+            f"  ROUGE-L against gold on {figures['gold_prompts']} prompts: teacher "
+            f"{figures['teacher_gold_rouge_l']:.3f}, student {figures['student_gold_rouge_l']:.3f}"
+        )
+    print(
+        "\nescalation rate each target agreement with the teacher costs, per scorer "
+        "(on the traffic sample):"
+    )
+    print(format_table(report["escalation_by_target"]))
+    print(
+        f"\nthe seed serves at threshold {figures['threshold']:.3f} (its default target), "
+        f"escalating {figures['escalation_rate']:.1%} of the sample"
+    )
+    print(f"serve it:   protege serve --config {report['serve_config']}")
 
 
 def print_init_report(report: dict) -> None:
@@ -212,6 +247,8 @@ def _docs_error(exc: ValueError) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.task == "generate":
+        return _bench_generate(args)
     from protege.bench import run_bench
     from protege.bench_report import markdown
     from protege.docs_block import replace_block
@@ -222,17 +259,48 @@ def _bench(args: argparse.Namespace) -> int:
         return _docs_error(exc)
     report = run_bench(
         args.cache,
-        args.config,
-        args.requests,
-        args.concurrency,
-        args.out,
-        args.ingress,
+        args.config or Path("deploy/serve_config.yaml"),
+        args.requests or 600,
+        args.concurrency or 16,
+        args.out or Path("bench-results"),
+        args.ingress or "both",
         args.registry,
     )
     print(json.dumps(report["summary"], indent=1))
     if page is not None:
         replace_block(page, "bench", markdown(report))
         print(f"written: the table into {page} (block bench)")
+    return 0
+
+
+def _bench_generate(args: argparse.Namespace) -> int:
+    from protege.bench_generate import run_generate_bench
+    from protege.bench_generate_report import draft_markdown, markdown
+    from protege.docs_block import check_block, replace_block
+
+    if args.ingress == "both":
+        print("error: --task generate measures one ingress: proxy or haproxy", file=sys.stderr)
+        return 2
+    try:  # checked before the run, which takes minutes
+        page = _docs_target(args.docs, GENERATE_DOCS, "bench-generate")
+        if page is not None:
+            check_block(page, "draft-reuse")
+    except ValueError as exc:
+        return _docs_error(exc)
+    report = run_generate_bench(
+        args.cache,
+        args.requests or 60,
+        args.concurrency or 8,
+        args.out or Path("bench-results/generate"),
+        args.config,
+        args.ingress or "proxy",
+        args.registry,
+    )
+    print(json.dumps(report["summary"], indent=1))
+    if page is not None:
+        replace_block(page, "bench-generate", markdown(report))
+        replace_block(page, "draft-reuse", draft_markdown(report["draft_reuse"]))
+        print(f"written: the tables into {page} (blocks bench-generate and draft-reuse)")
     return 0
 
 
@@ -409,20 +477,52 @@ def parser() -> argparse.ArgumentParser:
         help="the learned student, the cascade and the teacher served, against the models' "
         "own in-process cost, side by side",
     )
+    bench.add_argument(
+        "--task",
+        choices=["classify", "generate"],
+        default="classify",
+        help="which cascade: classify (the default pair) or generate (the generative pair "
+        "of `protege models build-generate`)",
+    )
     bench.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     bench.add_argument(
         "--registry",
         type=Path,
         default=None,
-        help="whose current student to measure (default: var/demo/registry after `make demo`, "
-        "else the cache's registry, which holds only the seed)",
+        help="whose current student to measure (classify: default var/demo/registry after "
+        "`make demo`, else the cache's registry, which holds only the seed; generate: "
+        "default the config's generate.registry)",
     )
-    bench.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
-    bench.add_argument("--requests", type=int, default=600)
-    bench.add_argument("--concurrency", type=int, default=16)
-    bench.add_argument("--ingress", choices=["proxy", "haproxy", "both"], default="both")
-    bench.add_argument("--out", type=Path, default=Path("bench-results"))
-    bench.add_argument("--docs", help=DOCS_HELP.format(block="bench", page=BENCH_DOCS))
+    bench.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="serve config (classify: default deploy/serve_config.yaml; generate: default "
+        "CACHE/generate/serve_config.yaml, its generate section only)",
+    )
+    bench.add_argument(
+        "--requests", type=int, default=None, help="per row (default 600; generate: 60)"
+    )
+    bench.add_argument(
+        "--concurrency", type=int, default=None, help="clients (default 16; generate: 8)"
+    )
+    bench.add_argument(
+        "--ingress",
+        choices=["proxy", "haproxy", "both"],
+        default=None,
+        help="default both (generate: proxy)",
+    )
+    bench.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default bench-results (generate: bench-results/generate)",
+    )
+    bench.add_argument(
+        "--docs",
+        help=DOCS_HELP.format(block="bench", page=BENCH_DOCS)
+        + f"; generate: blocks bench-generate and draft-reuse of {GENERATE_DOCS}",
+    )
     bench.set_defaults(func=_bench)
 
     loop = sub.add_parser(

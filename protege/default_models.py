@@ -47,7 +47,7 @@ from transformers import (
 from distill.finetune import TrainSettings, fine_tune
 from distill.prepare import prepare
 from distill.tables import write_jsonl
-from distill.task import load_task
+from distill.task import TaskSpec, load_task
 from protege import bbc
 from protege.packages import minilm_folder, mpnet_folder
 from serving.classify import meanpool
@@ -207,7 +207,9 @@ def build_defaults(
                 "student", student_dir, model, tokenizer, seed, profile.student, dev
             )
         task = write_task(cache, profile)
-        prepared = prepare(load_task(task), force=True, device=device)
+        spec = load_task(task)
+        assert isinstance(spec, TaskSpec)  # the BBC task file this build writes
+        prepared = prepare(spec, force=True, device=device)
     report = {**prepared.report, "training": training, "profile": profile_name}
     if profile.runtime:
         report["runtime"] = optimize_defaults(cache, profile.runtime)

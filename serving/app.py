@@ -31,7 +31,7 @@ from serving.generate.config import (
     RemoteTeacherSpec,
     resolve_limits,
 )
-from serving.generate.models import load_tokenizer
+from serving.generate.models import check_language_model, load_tokenizer
 from serving.generate.remote_teacher import api_key
 from serving.generate.teacher import GenerativeTeacher
 from serving.hot_swap import import_loader
@@ -97,30 +97,10 @@ def check_generate(config: GenerateCascadeConfig) -> None:
     else:
         models.append(("teacher", config.teacher))
     for role, spec in models:
-        where = f"generate.{role}.path={spec.path}"
-        if not (spec.path / "config.json").exists():
-            raise ConfigError(
-                f"{where} is not a model folder (no config.json); build the default pair "
-                "with `protege models build-generate` or point it at a Hugging Face "
-                "causal-LM folder"
-            )
-        if not any(spec.path.glob("*.safetensors")):
-            raise ConfigError(
-                f"{where} holds no *.safetensors weights: protege loads only safetensors; "
-                "save the model with `save_pretrained(folder)` (safetensors by default)"
-            )
         try:
-            tokenizer = load_tokenizer(spec.path)
-        except Exception as exc:
-            raise ConfigError(f"{where}: its tokenizer cannot be loaded: {exc}") from None
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(
-                f"{where}: its tokenizer has no chat template, so /v1/chat/completions "
-                "cannot render a chat; serve an instruct model, or add a chat_template to "
-                "its tokenizer (tokenizer.chat_template = ...; save_pretrained)"
-            )
-        window = getattr(AutoConfig.from_pretrained(spec.path), "max_position_embeddings", None)
-        windows[role] = int(window) if window else None
+            windows[role] = check_language_model(spec.path, f"generate.{role}.path={spec.path}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     manifest = read_manifest(config.student.path)
     if manifest is not None and manifest.kind != "generate":
         raise ConfigError(

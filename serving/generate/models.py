@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -97,6 +98,35 @@ def load_language_model(
     return LanguageModel(model, tokenizer, target, frozenset(eos), folder)
 
 
+def check_language_model(folder: Path, where: str) -> int | None:
+    """A causal-LM folder protege can serve: ``config.json``, safetensors weights, a
+    tokenizer that loads, with a chat template. Returns the model's window (its position
+    embeddings; None when unknown); raises ValueError starting with ``where``."""
+    if not (folder / "config.json").exists():
+        raise ValueError(
+            f"{where} is not a model folder (no config.json); build the default pair "
+            "with `protege models build-generate` or point it at a Hugging Face "
+            "causal-LM folder"
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(
+            f"{where} holds no *.safetensors weights: protege loads only safetensors; "
+            "save the model with `save_pretrained(folder)` (safetensors by default)"
+        )
+    try:
+        tokenizer = load_tokenizer(folder)
+    except Exception as exc:
+        raise ValueError(f"{where}: its tokenizer cannot be loaded: {exc}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{where}: its tokenizer has no chat template, so /v1/chat/completions "
+            "cannot render a chat; serve an instruct model, or add a chat_template to "
+            "its tokenizer (tokenizer.chat_template = ...; save_pretrained)"
+        )
+    window = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
+    return int(window) if window else None
+
+
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
     """The token ids of ``messages`` through the chat template, ending with the prompt of
     the assistant's turn (``add_generation_prompt``)."""
@@ -130,11 +160,17 @@ _SPACE = re.compile(r"\s+")
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     """Whether a draft written with ``a``'s ids means the same text to ``b``, with the same
     chat template: same vocabulary (added tokens included), same special tokens."""
-    if a is b:
-        return True
-    return (
-        a.get_vocab() == b.get_vocab()
-        and a.all_special_tokens == b.all_special_tokens
-        and a.all_special_ids == b.all_special_ids
-        and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
-    )
+    return a is b or not tokenizer_differences(a, b)
+
+
+def tokenizer_differences(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> list[str]:
+    """What differs between two tokenizers, in words (empty: they are the same)."""
+    differences = []
+    vocab_a, vocab_b = a.get_vocab(), b.get_vocab()
+    if vocab_a != vocab_b:
+        differences.append(f"vocabulary ({len(vocab_a)} against {len(vocab_b)} tokens)")
+    if a.all_special_tokens != b.all_special_tokens or a.all_special_ids != b.all_special_ids:
+        differences.append("special tokens")
+    if getattr(a, "chat_template", None) != getattr(b, "chat_template", None):
+        differences.append("chat template")
+    return differences
