@@ -10,9 +10,11 @@
   server-made id, counts once).
   Version-1 records carry no inclusion probability: they may train, never evaluate.
 
-A classification job reads classification records only: a generation record in the same
-log (schema version 4, kind ``generate``) is read without its top-k, skipped and counted
-(``other_kind_records``), never an error.
+A job reads its own kind only (:func:`read_window` classification records,
+:func:`read_generation_window` generation records, with their top-k when asked): a record
+of the other kind in the same log is skipped and counted (``other_kind_records``), never
+an error. Records split by their ``split_text``: a classification record's text, a
+generation record's canonical prompt.
 
 The watermark is, per segment file, the byte offset up to which records were consumed.
 Segments are append-only and each has one writer, so "everything after the offset" is
@@ -27,8 +29,10 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from distill.splits import Role, normalise, role_of
+from serving.contracts.generation_records import GenerationRecord
 from serving.contracts.records import (
     EscalationRecord,
     LogRecord,
@@ -39,23 +43,22 @@ from serving.contracts.records import (
 from serving.contracts.storage import Store
 
 WATERMARK_NAME = "watermark.json"
+R = TypeVar("R", EscalationRecord, GenerationRecord)
 
 
 @dataclass
-class Window:
-    new: list[EscalationRecord]
-    replay: list[EscalationRecord]
+class Window(Generic[R]):
+    new: list[R]
+    replay: list[R]
     watermark: dict[str, int]  # after consuming ``new``
     read: dict[str, int] = field(default_factory=dict)  # before: the compare-and-set base
-    evaluation: dict[Role, list[EscalationRecord]] = field(
-        default_factory=lambda: {"calibration": [], "gate": []}
-    )
+    evaluation: dict[Role, list[R]] = field(default_factory=lambda: {"calibration": [], "gate": []})
     stats: ReadStats = field(default_factory=ReadStats)
     duplicates: int = 0
     unweighted_eval_dropped: int = 0  # version-1 records of the evaluation split
-    other_kind: int = 0  # generation records after the watermark, skipped
-    # normalised texts of every consumed training record: what the current student's
-    # lineage may have trained on (never a calibration text of the fallback)
+    other_kind: int = 0  # records of the other kind after the watermark, skipped
+    # normalised split texts of every consumed training record: what the current
+    # student's lineage may have trained on (never a calibration text of the fallback)
     consumed_texts: set[str] = field(default_factory=set)
 
     def describe(self) -> dict[str, int]:
@@ -113,31 +116,64 @@ def read_window(
     replay: int,
     seed: int,
     max_eval: int = 50_000,
-) -> Window:
-    """New training records after ``watermark``, a seeded replay sample of earlier ones,
-    and the pooled evaluation records."""
-    window = Window(new=[], replay=[], watermark=dict(watermark), read=dict(watermark))
+) -> Window[EscalationRecord]:
+    """New classification records after ``watermark``, a seeded replay sample of earlier
+    ones, and the pooled evaluation records."""
+    return _read(log_dir, watermark, EscalationRecord, eval_share, replay, seed, max_eval, False)
+
+
+def read_generation_window(
+    log_dir: Path,
+    watermark: dict[str, int],
+    *,
+    eval_share: float,
+    replay: int,
+    seed: int,
+    max_eval: int = 50_000,
+    with_top_k: bool = True,
+) -> Window[GenerationRecord]:
+    """:func:`read_window` for generation records; ``with_top_k``: the training records
+    (new and replayed) keep the teacher's top-k (evaluation records never load it)."""
+    window = _read(
+        log_dir, watermark, GenerationRecord, eval_share, replay, seed, max_eval, with_top_k
+    )
+    return window
+
+
+def _read(
+    log_dir: Path,
+    watermark: dict[str, int],
+    kind: type[R],
+    eval_share: float,
+    replay: int,
+    seed: int,
+    max_eval: int,
+    with_top_k: bool,
+) -> Window[R]:
+    window: Window[R] = Window(new=[], replay=[], watermark=dict(watermark), read=dict(watermark))
     seen: set[str] = set()
-    earlier: list[EscalationRecord] = []
+    earlier: list[R] = []
     for segment in list_segments(log_dir):
         done = watermark.get(segment.name, 0)
-        earlier_lines, _ = read_from(segment, 0, ReadStats(), end=done) if done else ([], 0)
-        fresh_lines, end = read_from(segment, done, window.stats)
+        earlier_lines: list[LogRecord] = []
+        if done:
+            earlier_lines, _ = read_from(segment, 0, ReadStats(), end=done, with_top_k=with_top_k)
+        fresh_lines, end = read_from(segment, done, window.stats, with_top_k=with_top_k)
         window.watermark[segment.name] = end
-        consumed, fresh = _classified(earlier_lines), _classified(fresh_lines)
+        consumed, fresh = _of_kind(earlier_lines, kind), _of_kind(fresh_lines, kind)
         window.other_kind += len(fresh_lines) - len(fresh)
         for record in consumed + fresh:
-            role = role_of(record.text, eval_share)
+            role = role_of(record.split_text, eval_share)
             if role != "train":
                 if record.evaluable:
-                    window.evaluation[role].append(record)
+                    window.evaluation[role].append(_lean(record))
                 else:
                     window.unweighted_eval_dropped += 1
-        consumed = [r for r in consumed if role_of(r.text, eval_share) == "train"]
+        consumed = [r for r in consumed if role_of(r.split_text, eval_share) == "train"]
         earlier.extend(consumed)
         seen.update(r.record_id for r in consumed)
         for record in fresh:
-            if role_of(record.text, eval_share) != "train":
+            if role_of(record.split_text, eval_share) != "train":
                 continue
             if record.record_id in seen:
                 window.duplicates += 1
@@ -148,12 +184,18 @@ def read_window(
         unique = list({r.record_id: r for r in records}.values())
         unique.sort(key=lambda r: r.timestamp)
         window.evaluation[role] = unique[-max_eval:]
-    window.consumed_texts = {normalise(r.text) for r in earlier}
+    window.consumed_texts = {normalise(r.split_text) for r in earlier}
     window.replay = random.Random(seed).sample(earlier, min(replay, len(earlier)))
     return window
 
 
-def _classified(records: list[LogRecord]) -> list[EscalationRecord]:
-    """The classification records among ``records`` (a generation record is another
-    task's: its job reads it)."""
-    return [r for r in records if isinstance(r, EscalationRecord)]
+def _of_kind(records: list[LogRecord], kind: type[R]) -> list[R]:
+    """The records of ``kind`` among ``records`` (the other kind's job reads the rest)."""
+    return [r for r in records if isinstance(r, kind)]
+
+
+def _lean(record: R) -> R:
+    """An evaluation record without the teacher's top-k (nothing that judges reads it)."""
+    if isinstance(record, GenerationRecord) and record.teacher_top_logprobs is not None:
+        return record.model_copy(update={"teacher_top_logprobs": None})
+    return record

@@ -3,8 +3,13 @@ import json
 
 from test_escalation_log import record, version1_line
 
-from distill.dataset import read_watermark, read_window, write_watermark
-from distill.splits import role_of
+from distill.dataset import (
+    read_generation_window,
+    read_watermark,
+    read_window,
+    write_watermark,
+)
+from distill.splits import normalise, role_of
 from serving.contracts.records import EscalationLogWriter
 from serving.contracts.storage import LocalStore
 
@@ -190,6 +195,35 @@ def test_a_classification_window_skips_generation_records_and_counts_them(tmp_pa
     second = window(tmp_path, first.watermark)  # counted once, after the watermark
     assert second.new == [] and second.other_kind == 1
     assert ids(second.evaluation["gate"]) == ["rec2"]
+    writer.close()
+
+
+def test_a_generation_window_reads_its_own_kind_split_by_the_canonical_prompt(tmp_path):
+    """The generative job's window: generation records only, split by the canonical
+    prompt, the training ones with their top-k, the evaluation ones without, consumed
+    once by the watermark, replayed later."""
+    from test_generation_records import generation
+
+    writer = EscalationLogWriter(tmp_path)
+    train, cal, gate = prompts("train", 3), prompts("calibration", 1), prompts("gate", 2)
+    gen = [generation(i, prompt=p, messages=None) for i, p in enumerate(train + cal + gate)]
+    writer.append([record(0, TRAIN[0]), *gen[:4], record(1, GATE[0]), *gen[4:]])
+    first = read_generation_window(tmp_path, {}, eval_share=SHARE, replay=0, seed=0)
+    assert ids(first.new) == ["gen0", "gen1", "gen2"]
+    assert all(
+        r.teacher_top_logprobs == gen[i].teacher_top_logprobs for i, r in enumerate(first.new)
+    )
+    assert ids(first.evaluation["calibration"]) == ["gen3"]
+    assert ids(first.evaluation["gate"]) == ["gen4", "gen5"]
+    assert all(r.teacher_top_logprobs is None for r in first.evaluation["gate"])  # lean
+    assert first.other_kind == 2  # the classification records: another job's
+    assert first.consumed_texts == set()
+    writer.append([generation(9, prompt=train[0], messages=None, record_id="gen9")])
+    second = read_generation_window(tmp_path, first.watermark, eval_share=SHARE, replay=2, seed=0)
+    assert ids(second.new) == ["gen9"]  # the same prompt again: a new record, trained once
+    assert len(second.replay) == 2 and set(ids(second.replay)) <= {"gen0", "gen1", "gen2"}
+    assert all(r.teacher_top_logprobs is not None for r in second.replay)  # they train
+    assert second.consumed_texts == {normalise(r.split_text) for r in gen[:3]}
     writer.close()
 
 
