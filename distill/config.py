@@ -6,7 +6,7 @@ Every default lives here; the YAML names only what a deployment changes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +22,9 @@ from pydantic import (
 from serving.classify.scorers import ScorerName
 from serving.contracts import defaults
 from serving.contracts.storage import StoreURI, is_remote
+
+if TYPE_CHECKING:
+    from distill.generate_config import GenerateDistillConfig
 
 
 class _Strict(BaseModel):
@@ -191,13 +194,29 @@ class DistillConfig(_Strict):
         )
 
 
-def load_distill_config(path: Path, **overrides: object) -> DistillConfig:
-    """Read and validate the YAML; relative paths resolve against the working directory."""
+def load_classify_config(path: Path, **overrides: object) -> DistillConfig:
+    """:func:`load_distill_config` where only a classification job will do."""
+    config = load_distill_config(path, **overrides)
+    if not isinstance(config, DistillConfig):
+        raise ValueError(f"{path} configures a generative cascade's job, not a classification one")
+    return config
+
+
+def load_distill_config(path: Path, **overrides: object) -> DistillConfig | GenerateDistillConfig:
+    """Read and validate the YAML (``kind: generate`` is a generative cascade's job);
+    relative paths resolve against the working directory."""
+    from distill.generate_config import GenerateDistillConfig
+
     if not Path(path).exists():
         raise FileNotFoundError(f"distillation config {path} not found")
     raw = yaml.safe_load(Path(path).read_text()) or {}
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    kind = raw.get("kind", "classify")
     try:
-        return DistillConfig.model_validate(raw)
+        if kind == "generate":
+            return GenerateDistillConfig.model_validate(raw)
+        if kind != "classify":
+            raise ValueError(f"kind {kind!r} is not one of classify, generate")
+        return DistillConfig.model_validate({k: v for k, v in raw.items() if k != "kind"})
     except ValidationError as exc:
         raise ValueError(f"invalid distillation config {path}:\n{exc}") from None

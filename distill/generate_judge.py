@@ -31,7 +31,7 @@ from distill.judge import eval_set
 from distill.offline_answers import OfflineAnswers
 from distill.prompts import TaskPrompt
 from distill.splits import normalise
-from serving.contracts.generation_records import GenerationRecord, canonical_prompt
+from serving.contracts.generation_records import GenerationRecord
 from serving.contracts.manifest import Calibration, make_calibration, read_manifest, weights_digest
 from serving.generate.agreement import rouge_l_many
 from serving.generate.models import LanguageModel, load_language_model
@@ -50,9 +50,7 @@ class JudgeSettings:
 
 def prompt_key(prompt: TaskPrompt) -> str:
     """A task prompt's cache key: a digest of its canonical prompt."""
-    chat = prompt.chat()
-    text = canonical_prompt(chat if chat is not None else prompt.prompt or "")
-    return "prompt:" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    return "prompt:" + hashlib.sha256(prompt.split_text.encode()).hexdigest()[:24]
 
 
 class GenerateJudge:
@@ -82,7 +80,7 @@ class GenerateJudge:
                 "no calibration data: the log's calibration split holds no sampled records "
                 "and the config names no traffic sample (set `traffic`)"
             )
-        self.traffic = [p for p in traffic if normalise(_split_text(p)) not in trained_on]
+        self.traffic = [p for p in traffic if normalise(p.split_text) not in trained_on]
         self.traffic_dropped = len(traffic) - len(self.traffic)
         if not self.live and not self.traffic:
             raise ValueError(
@@ -161,11 +159,6 @@ class GenerateJudge:
                 gold_correct=rouge_l_many([a.text for a in on_gold], references),
             )
         return judged, calibration
-
-
-def _split_text(prompt: TaskPrompt) -> str:
-    chat = prompt.chat()
-    return canonical_prompt(chat if chat is not None else prompt.prompt or "")
 
 
 def _answer(cache: GreedyCache, prompts: Sequence[TaskPrompt]) -> list[Greedy]:

@@ -24,6 +24,7 @@ from distill.config import DistillConfig
 from distill.dataset import Window, read_watermark, read_window, write_watermark
 from distill.eval_sets import cached_probs
 from distill.finetune import TrainSettings, fine_tune
+from distill.generate_config import GenerateDistillConfig
 from distill.judge import Judge
 from distill.lock import Lease, run_lock
 from distill.offline_labels import OfflineLabels
@@ -75,7 +76,7 @@ def run(config: DistillConfig) -> dict[str, Any]:
     return report
 
 
-def _log_folder(config: DistillConfig) -> Path:
+def log_folder(config: DistillConfig | GenerateDistillConfig) -> Path:
     """The log as a local folder: shipped segments of an object store are downloaded into
     ``work_dir`` first (they never change, so only new ones are fetched)."""
     if not is_remote(config.log_dir):
@@ -98,7 +99,7 @@ def _run_locked(
     check_share(registry.store, config.eval.share)
     watermark = read_watermark(registry.store)
     window = read_window(
-        _log_folder(config),
+        log_folder(config),
         watermark,
         eval_share=config.eval.share,
         replay=config.replay.earlier_records,
@@ -130,7 +131,7 @@ def _run_locked(
     staged, losses, nodes = _train_candidate(config, registry, current, texts, soft, labels, run_id)
     try:
         if not lease.renew():
-            return _lease_lost(current)
+            return lease_lost(current)
         report = _judge_and_publish(
             config, registry, current, labeller, staged, window, losses, texts, lease
         )
@@ -144,7 +145,7 @@ def _run_locked(
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _lease_lost(current: str) -> dict[str, Any]:
+def lease_lost(current: str) -> dict[str, Any]:
     """Another run took the lease over (this one stopped renewing in time): it publishes,
     promotes and consumes nothing, and leaves the registry to that run."""
     return {
@@ -301,9 +302,9 @@ def _judge_and_publish(
             "candidate": candidate,
             "window": window.describe(),
         }
-    flat = {name: _flat(figures.get(name)) for name in ("current", "candidate")}
+    flat = {name: flat_figures(figures.get(name)) for name in ("current", "candidate")}
     if not lease.renew():  # checked again before anything is written
-        return _lease_lost(current)
+        return lease_lost(current)
     if decision.promote:
         write_manifest(
             staged,
@@ -440,7 +441,7 @@ def decision_result(
     return result, reason
 
 
-def _flat(figures: Any) -> dict[str, Any]:
+def flat_figures(figures: Any) -> dict[str, Any]:
     """{figure: value} from a StudentFigures dict (intervals stay in the decision)."""
     if not isinstance(figures, dict):
         return {}

@@ -11,7 +11,8 @@ task ready to serve.
    agreement with the teacher at ``agreement_cut``, the draft rule's cut), so any target
    turns into a threshold for exactly that version;
 4. ``<workdir>/models/{teacher,student}``, the seed student imported and made current in
-   the task's registry, and ``<workdir>/serve_config.yaml`` hosting the generative cascade.
+   the task's registry, ``<workdir>/serve_config.yaml`` hosting the generative cascade and
+   ``<workdir>/distill.yaml``, its distillation job (``kind: generate``).
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def prepare_generate(
     if gold:
         write_jsonl(spec.work / "gold.jsonl", [p.as_row() for p in gold])
     serve_config = _write_serve_config(spec, teacher_dir, student_dir)
+    distill_config = _write_distill_config(spec, teacher_dir, bool(gold))
     report = {
         "task": spec.name,
         "kind": "generate",
@@ -156,6 +158,7 @@ def prepare_generate(
         "answer_seconds": {role: round(a.seconds, 1) for role, a in answers.items()},
         "registry": str(registry.root),
         "serve_config": str(serve_config),
+        "distill_config": str(distill_config),
     }
     (spec.work / "init_report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -274,4 +277,30 @@ def _write_serve_config(spec: GenerateTaskSpec, teacher: Path, student: Path) ->
     path = spec.work / "serve_config.yaml"
     header = f"# Written by `protege init` for the generative task {spec.name!r}.\n"
     path.write_text(header + yaml.safe_dump(serve, sort_keys=False))
+    return path
+
+
+def _write_distill_config(spec: GenerateTaskSpec, teacher: Path, gold: bool) -> Path:
+    """The task's distillation job (``protege distill run --config``), paths absolute."""
+    work = spec.work.resolve()
+    distill: dict[str, Any] = {
+        "kind": "generate",
+        "registry": str(spec.registry_dir.resolve()),
+        "log_dir": str(spec.escalations_dir.resolve()),
+        "teacher": str(teacher.resolve()),
+        "traffic": str(work / "traffic.jsonl"),
+        "cache_dir": str(work / "cache"),
+        "scorer": spec.scorer,
+        "agreement_cut": spec.agreement_cut,
+        "distillation": spec.distillation,
+        "max_prompt_tokens": spec.max_prompt_tokens,
+        "max_new_tokens": spec.max_new_tokens,
+        "batch_size": spec.batch_size,
+        "gate": {"target_agreement": spec.target_agreement},
+    }
+    if gold:
+        distill["gold"] = str(work / "gold.jsonl")
+    path = spec.work / "distill.yaml"
+    header = f"# Written by `protege init` for the generative task {spec.name!r}.\n"
+    path.write_text(header + yaml.safe_dump(distill, sort_keys=False))
     return path

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.tables import SUFFIXES, TableError, read_table
+from serving.contracts.generation_records import canonical_prompt
 from serving.generate.models import LanguageModel, render_chat, render_completion
 
 ROLES = ("system", "user", "assistant")
@@ -30,6 +31,12 @@ class TaskPrompt:
         if self.messages is None:
             return None
         return [{"role": role, "content": content} for role, content in self.messages]
+
+    @property
+    def split_text(self) -> str:
+        """What the split hash reads, as for a logged record: the canonical prompt."""
+        chat = self.chat()
+        return canonical_prompt(chat if chat is not None else self.prompt or "")
 
     def render(self, lm: LanguageModel) -> list[int]:
         """The prompt in ``lm``'s tokens, as the gateway renders it (a chat through the

@@ -109,6 +109,7 @@ def print_generate_init_report(report: dict) -> None:
         f"escalating {figures['escalation_rate']:.1%} of the sample"
     )
     print(f"serve it:   protege serve --config {report['serve_config']}")
+    print(f"distil it:  protege distill run --config {report['distill_config']}")
 
 
 def print_init_report(report: dict) -> None:

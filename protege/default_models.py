@@ -220,13 +220,13 @@ def build_defaults(
 def optimize_defaults(cache: Path, runtime: Runtime) -> dict[str, object]:
     """Serve the seed student and the teacher through ``runtime`` where each keeps its
     decisions and is faster (`protege optimize`, on the task's traffic sample)."""
-    from distill.config import load_distill_config
+    from distill.config import load_classify_config
     from distill.optimize import optimize_student, optimize_teacher
     from distill.tables import read_texts
     from serving.classify.classifier import Classifier
     from serving.contracts.registry import Registry
 
-    config = load_distill_config(cache / "distill.yaml")
+    config = load_classify_config(cache / "distill.yaml")
     assert config.traffic is not None
     texts = read_texts(config.traffic)
     registry = Registry(config.registry)

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distill.config import load_distill_config
+from distill.config import load_classify_config
 from distill.job import run as distill_run
 from protege import bbc
 from protege.default_models import build_defaults
@@ -67,7 +67,7 @@ def run_demo(
         registry=str(registry.root),
         cascade={"audit_fraction": DEMO_AUDIT_FRACTION, "audit_teacher": "offline"},
     )
-    distill_config = load_distill_config(
+    distill_config = load_classify_config(
         Path("deploy/distill.yaml"), registry=registry.root, log_dir=out / "escalations"
     )
     distill_config = distill_config.model_copy(

@@ -80,8 +80,20 @@ def _load(args: argparse.Namespace):
     return config
 
 
-def _run(args: argparse.Namespace) -> int:
+def _runner(config: Any) -> Any:
+    """The job of the config's kind."""
+    from distill.generate_config import GenerateDistillConfig
+
+    if isinstance(config, GenerateDistillConfig):
+        from distill.generate_job import run_generate
+
+        return run_generate
     from distill.job import run
+
+    return run
+
+
+def _run(args: argparse.Namespace) -> int:
     from distill.lock import LockedError
     from distill.scorer_check import ScorerMismatch
     from serving.contracts.registry import RegistryError
@@ -92,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        report = run(config)
+        report = _runner(config)(config)
     except (FileNotFoundError, LockedError, RegistryError, ScorerMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)  # the run report records it too
         return 2
@@ -101,10 +113,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from distill.job import run
     from distill.lock import LockedError
 
     config = _load(args)
+    run = _runner(config)
     print(f"distilling every {args.every:.0f} s once {config.min_records} new records are logged")
     while True:
         try:

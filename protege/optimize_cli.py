@@ -11,14 +11,14 @@ from protege.distill_cli import DEFAULT_CONFIG
 
 
 def run(args: argparse.Namespace) -> int:
-    from distill.config import load_distill_config
+    from distill.config import load_classify_config
     from distill.optimize import optimize_student, optimize_teacher
     from distill.tables import TableError, read_texts
     from serving.classify.classifier import Classifier
     from serving.contracts.registry import Registry, RegistryError
 
     try:
-        config = load_distill_config(args.config)
+        config = load_classify_config(args.config)
         if config.traffic is None:
             raise ValueError(f"{args.config}: `traffic` is needed (the texts to compare on)")
         texts = read_texts(config.traffic)[: args.inputs]

@@ -13,6 +13,8 @@ import yaml
 from tiny_lm import build_tiny_lm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill.config import load_distill_config
+from distill.generate_config import GenerateDistillConfig
 from distill.prepare_generate import check_generative_pair
 from distill.prompts import read_prompts
 from distill.tables import TableError
@@ -97,6 +99,9 @@ def test_init_calibrates_registers_and_writes_a_serve_config(task, capsys):
     assert config.generate is not None and not config.classify
     assert config.generate.name == "chat-task"
     check_generate(config.generate)  # the gateway's own checks accept it
+    distill = load_distill_config(Path(report["distill_config"]))
+    assert isinstance(distill, GenerateDistillConfig) and distill.distillation == "token"
+    assert distill.registry == str(spec.registry_dir.resolve()) and distill.gold is not None
     rows = [json.loads(line) for line in (spec.work / "traffic.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(("prompt" in r) != ("messages" in r) for r in rows)
 

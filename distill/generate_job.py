@@ -1,0 +1,310 @@
+"""One distillation run of a generative cascade: window -> train a candidate -> judge
+both on greedy answers -> gate -> publish.
+
+    protege distill run --config <workdir>/distill.yaml     # kind: generate
+
+The same run as a classification one (:mod:`distill.job`): the same lease, registry,
+watermark, evidence checks and gate; only the kind's parts differ: the training pairs
+(the teacher's logged answers, or generated offline; token- or sequence-level, see
+:mod:`distill.generation_examples`), the causal-LM training loop
+(:func:`distill.causal_lm.train_causal_lm` with :func:`distill.token_kd.token_distillation_loss`),
+and the judge (:mod:`distill.generate_judge`). Generating offline is the run's largest
+cost; the report gives its count and seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from distill import gate, metrics
+from distill.causal_lm import (
+    CausalExample,
+    CausalTrainSettings,
+    answer_cross_entropy,
+    train_causal_lm,
+)
+from distill.dataset import read_generation_window, read_watermark
+from distill.generate_config import GenerateDistillConfig
+from distill.generate_judge import GenerateJudge, JudgeSettings
+from distill.generation_examples import training_examples
+from distill.job import decision_result, flat_figures, lease_lost, log_folder
+from distill.lock import Lease, run_lock
+from distill.offline_answers import OfflineAnswers
+from distill.prompts import TaskPrompt, read_prompts
+from distill.scorer_check import check_scorer
+from distill.splits import check_share, normalise
+from distill.token_kd import token_distillation_loss
+from serving.contracts.generation_records import GenerationRecord
+from serving.contracts.manifest import (
+    DefaultTarget,
+    ModelManifest,
+    read_manifest,
+    weights_digest,
+    write_manifest,
+)
+from serving.contracts.registry import Registry, RegistryError
+from serving.generate.models import load_language_model
+
+Trainer = Callable[[Path, Sequence[CausalExample], Path], list[float]]
+"""(current student's folder, training pairs, where to save the candidate) -> epoch losses."""
+
+
+def run_generate(config: GenerateDistillConfig, trainer: Trainer | None = None) -> dict[str, Any]:
+    """Run once; returns the run report (also written to the registry). ``trainer``
+    replaces the training loop (a test seam: a planted candidate)."""
+    registry = Registry(
+        config.registry, cache_dir=config.work_dir / "registry", endpoint_url=config.s3_endpoint
+    )
+    registry.store.check()
+    registry.store.check_conditional_writes()
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    began = time.time()
+    with run_lock(registry.store) as lease:
+        try:
+            report = _run_locked(config, registry, run_id, lease, trainer or _trainer(config))
+        except Exception as exc:
+            failed = {
+                "run_id": run_id,
+                "kind": "generate",
+                "result": "failed",
+                "reason": f"{type(exc).__name__}: {exc}",
+                "seconds": round(time.time() - began, 1),
+                "finished_at": time.time(),
+            }
+            registry.write_run(run_id, failed)
+            metrics.push(config.pushgateway, failed, registry.runs())
+            raise
+    seconds = round(time.time() - began, 1)
+    report = {"run_id": run_id, "kind": "generate", **report, "seconds": seconds}
+    report["finished_at"] = time.time()
+    registry.write_run(run_id, report)
+    metrics.push(config.pushgateway, report, registry.runs())
+    return report
+
+
+def _run_locked(
+    config: GenerateDistillConfig, registry: Registry, run_id: str, lease: Lease, trainer: Trainer
+) -> dict[str, Any]:
+    current = registry.current()
+    if current is None:
+        raise RegistryError(
+            f"registry {registry.uri} has no current student: run `protege init TASK.yaml` "
+            "on the generative task first"
+        )
+    check_share(registry.store, config.eval.share)
+    watermark = read_watermark(registry.store)
+    window = read_generation_window(
+        log_folder(config),
+        watermark,
+        eval_share=config.eval.share,
+        replay=config.replay_records,
+        seed=config.train.seed + len(watermark),
+        max_eval=config.eval.max_records,
+    )
+    check_scorer(window.evaluation, config.scorer)  # type: ignore[arg-type]
+    if len(window.new) < config.min_records:
+        return {
+            "result": "nothing-to-do",
+            "reason": f"{len(window.new)} new records, fewer than min_records={config.min_records}",
+            "current": current,
+            "window": window.describe(),
+        }
+    sampled = sum(r.reason == "audit" for r in window.evaluation["gate"])
+    if sampled < max(1, config.gate.min_sampled):
+        return {
+            "result": "not-enough-evidence",
+            "reason": f"{sampled} sampled kept answers in the gate split, fewer than "
+            f"min_sampled={config.gate.min_sampled} (raise generate.audit_fraction or serve "
+            "more traffic; the new records wait for the next run)",
+            "current": current,
+            "window": window.describe(),
+        }
+    teacher_lm = load_language_model(config.teacher, device=config.device)
+    teacher_manifest = read_manifest(config.teacher)
+    teacher_version = (
+        teacher_manifest.version
+        if teacher_manifest
+        else f"teacher-{weights_digest(config.teacher)}"
+    )
+    offline = OfflineAnswers(
+        teacher_lm, teacher_version, config.scores_dir, config.top_k, config.batch_size
+    )
+    gold = _prompts(config.gold, reference=True)
+    held_out = {normalise(p.split_text) for p in gold}
+    records = [r for r in window.new + window.replay if normalise(r.split_text) not in held_out]
+    began = time.perf_counter()
+    answers = offline.answers(records)
+    student_folder = registry.path(current)
+    student_tokenizer = load_language_model(student_folder, device="cpu").tokenizer
+    examples = training_examples(records, answers, student_tokenizer, config.distillation)
+    if not examples:
+        raise ValueError("no training pairs: every teacher answer was empty")
+    staged = registry.staging_dir() / run_id
+    shutil.rmtree(staged, ignore_errors=True)
+    training_began = time.perf_counter()
+    losses = trainer(student_folder, examples, staged)
+    training_seconds = time.perf_counter() - training_began
+    try:
+        if not lease.renew():
+            return lease_lost(current)
+        report = _judge_and_publish(
+            config, registry, current, offline, staged, window, records, gold, lease
+        )
+        report["training"] = {
+            "examples": len(examples),
+            "top_k_examples": sum(getattr(e, "top_ids", None) is not None for e in examples),
+            "epoch_losses": losses,
+            "seconds": round(training_seconds, 1),
+        }
+        report["offline_generation"] = {
+            "teacher_answers": offline.asked,
+            "teacher_seconds": round(offline.seconds, 1),
+            "judge_seconds": report.pop("judge_seconds"),
+            "answer_set_up_seconds": round(training_began - began, 1),
+        }
+        return report
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _trainer(config: GenerateDistillConfig) -> Trainer:
+    """The causal-LM training loop with the configured loss."""
+
+    def train(current: Path, examples: Sequence[CausalExample], staged: Path) -> list[float]:
+        lm = load_language_model(current, device=config.device)
+        t = config.train
+        settings = CausalTrainSettings(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            warmup_fraction=t.warmup_fraction,
+            train_embeddings=t.train_embeddings,
+            seed=t.seed,
+        )
+        loss = (
+            token_distillation_loss(config.loss.alpha, config.loss.temperature)
+            if config.distillation == "token"
+            else answer_cross_entropy
+        )
+        losses = train_causal_lm(
+            lm.model,
+            examples,
+            settings,
+            lm.pad_token_id,
+            loss_fn=loss,
+            desc=f"distil {current.name}",
+        )
+        lm.model.save_pretrained(staged)
+        lm.tokenizer.save_pretrained(staged)
+        return losses
+
+    return train
+
+
+def _judge_and_publish(
+    config: GenerateDistillConfig,
+    registry: Registry,
+    current: str,
+    offline: OfflineAnswers,
+    staged: Path,
+    window: Any,
+    records: list[GenerationRecord],
+    gold: list[TaskPrompt],
+    lease: Lease,
+) -> dict[str, Any]:
+    candidate = f"student-{weights_digest(staged)}"
+    parent = registry.manifest(current)
+    manifest = ModelManifest(  # written before judging: answers are kept by version
+        version=candidate,
+        role="student",
+        parent=current,
+        created_at=time.time(),
+        kind="generate",
+        agreement_cut=config.agreement_cut,
+        max_prompt_tokens=parent.max_prompt_tokens or config.max_prompt_tokens,
+        max_new_tokens=parent.max_new_tokens or config.max_new_tokens,
+        draft_min_confidence=parent.draft_min_confidence,
+        default_target=DefaultTarget(target_agreement=config.gate.target_agreement),
+        training={
+            "window": window.describe(),
+            "distillation": config.distillation,
+            "loss": config.loss.model_dump(),
+            "train": config.train.model_dump(),
+            "watermark": window.watermark,
+        },
+    )
+    write_manifest(staged, manifest)
+    trained_on = {normalise(r.split_text) for r in records} | window.consumed_texts
+    settings = JudgeSettings(
+        scorer=config.scorer,
+        agreement_cut=config.agreement_cut,
+        target_agreement=config.gate.target_agreement,
+        min_calibration_sampled=config.eval.min_calibration_sampled,
+        max_new_tokens=manifest.max_new_tokens or config.max_new_tokens,
+        batch_size=config.batch_size,
+    )
+    began = time.perf_counter()
+    judge = GenerateJudge(
+        settings,
+        offline,
+        window,
+        config.scores_dir,
+        traffic=_prompts(config.traffic, reference=False),
+        gold=gold,
+        trained_on=trained_on,
+        device=config.device,
+    )
+    current_judged, _ = judge(registry.path(current))
+    candidate_judged, calibration = judge(staged)
+    judge_seconds = round(time.perf_counter() - began, 1)
+    decision = gate.decide(
+        current_judged, candidate_judged, judge.gate_set, config.gate, judge.teacher_gold
+    )
+    figures = decision.as_dict()
+    if decision.candidate is None:
+        return {
+            "result": "not-enough-evidence",
+            "reason": decision.reason,
+            "current": current,
+            "candidate": candidate,
+            "window": window.describe(),
+            "judge_seconds": judge_seconds,
+        }
+    flat = {name: flat_figures(figures.get(name)) for name in ("current", "candidate")}
+    if not lease.renew():
+        return {**lease_lost(current), "judge_seconds": judge_seconds}
+    if decision.promote:
+        evaluated = {k: v for k, v in flat["candidate"].items() if isinstance(v, float)}
+        write_manifest(
+            staged, manifest.model_copy(update={"calibration": calibration, "eval": evaluated})
+        )
+        registry.publish(staged)
+    result, reason = decision_result(registry, decision, candidate, current, lease, window)
+    return {
+        "result": result,
+        "reason": reason,
+        "current": current,
+        "candidate": candidate,
+        "window": window.describe(),
+        "eval": {k: v for k, v in flat.items() if v},
+        "decision": figures,
+        "calibration": {
+            "kind": calibration.kind,
+            "source": calibration.source,
+            "inputs": len(calibration.agrees_with_teacher),
+            "trained_prompts_dropped": judge.traffic_dropped,
+        },
+        "judge_seconds": judge_seconds,
+    }
+
+
+def _prompts(path: Path | None, *, reference: bool) -> list[TaskPrompt]:
+    if path is None:
+        return []
+    return read_prompts(path, reference_column="reference" if reference else None)
