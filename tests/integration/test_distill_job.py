@@ -146,6 +146,8 @@ def test_distilling_on_teacher_answers_promotes_then_finds_nothing_to_do(
     assert not list((seeded_registry.root / "staging").glob("*"))  # nothing half-published
 
 
+@pytest.mark.slow  # 160 s of real training; a rejection leaving the pointer alone is also
+# tested without training (tests/unit/test_job_promotion.py, tests/unit/test_generate_job.py)
 def test_a_worse_candidate_is_rejected_and_nothing_changes(lite_cache, tmp_path, seeded_registry):
     seed = seeded_registry.current()
     write_log(lite_cache, tmp_path / "log", 1600, scramble=True)
