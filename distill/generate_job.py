@@ -300,6 +300,12 @@ def _judge_and_publish(
             "inputs": len(calibration.agrees_with_teacher),
             "trained_prompts_dropped": judge.traffic_dropped,
         },
+        "teacher_likelihood": {
+            "current": judge.likelihood.get(current),
+            "candidate": judge.likelihood.get(candidate),
+            "what": "mean log-likelihood per token of the teacher's greedy answers to the "
+            "gate records, under each student",
+        },
         "judge_seconds": judge_seconds,
     }
 

@@ -22,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.nn import functional as F
 
 from distill import gate
+from distill.causal_lm import answer_logits, collate
 from distill.dataset import Window
-from distill.generation_examples import prompt_ids
+from distill.generation_examples import prompt_ids, training_examples
 from distill.greedy_cache import Greedy, GreedyCache
 from distill.judge import eval_set
-from distill.offline_answers import OfflineAnswers
+from distill.offline_answers import OfflineAnswers, TeacherText
 from distill.prompts import TaskPrompt
 from distill.splits import normalise
 from serving.contracts.generation_records import GenerationRecord
@@ -70,7 +73,9 @@ class GenerateJudge:
         self.cal_records = window.evaluation["calibration"]
         self.gate_records = window.evaluation["gate"]
         self.gate_set = eval_set(self.gate_records)  # type: ignore[arg-type]
-        self.gate_teacher = [a.text for a in teacher.greedy(self.gate_records)]
+        self.gate_answers = teacher.greedy(self.gate_records)
+        self.gate_teacher = [a.text for a in self.gate_answers]
+        self.likelihood: dict[str, float | None] = {}  # per version: see teacher_likelihood
         self.cal_sampled = sum(r.reason == "audit" for r in self.cal_records)
         self.live = self.cal_sampled >= settings.min_calibration_sampled or (
             not traffic and self.cal_sampled > 0
@@ -140,6 +145,7 @@ class GenerateJudge:
             settings.scorer, target_agreement=settings.target_agreement
         )
         scorer = SCORERS[settings.scorer]
+        self.likelihood[version] = teacher_likelihood(student, self.gate_records, self.gate_answers)
         on_gate = _answer_records(answers, student, self.gate_records)
         judged = gate.Judged(
             version,
@@ -159,6 +165,23 @@ class GenerateJudge:
                 gold_correct=rouge_l_many([a.text for a in on_gold], references),
             )
         return judged, calibration
+
+
+def teacher_likelihood(
+    lm: LanguageModel, records: Sequence[GenerationRecord], answers: Sequence[TeacherText]
+) -> float | None:
+    """The student's mean log-likelihood per token of the teacher's greedy answers to the
+    gate records (the end of turn included where the teacher stopped): how close it came
+    to imitating the teacher, reported beside the gate's figures (None: no tokens)."""
+    examples = training_examples(records, answers, lm.tokenizer, "sequence")
+    total, tokens = 0.0, 0
+    with torch.inference_mode():
+        for first in range(0, len(examples), 8):
+            chunk = examples[first : first + 8]
+            logits, targets = answer_logits(lm.model, collate(chunk, lm.pad_token_id))
+            total -= float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            tokens += int(targets.numel())
+    return round(total / tokens, 6) if tokens else None
 
 
 def _answer(cache: GreedyCache, prompts: Sequence[TaskPrompt]) -> list[Greedy]:

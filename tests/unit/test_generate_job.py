@@ -151,6 +151,8 @@ def test_a_candidate_answering_as_the_teacher_is_promoted_and_a_copy_is_refused(
     assert manifest.max_new_tokens == MAX_NEW
     candidate = report["decision"]["candidate"]
     assert candidate["student_agreement"]["value"] == 1.0  # it answers as the teacher does
+    likelihood = report["teacher_likelihood"]
+    assert likelihood["candidate"] > likelihood["current"]
     watermark = read_watermark(registry.store)
 
     write_log(task, 40)  # new traffic for the next round

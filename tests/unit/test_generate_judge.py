@@ -114,6 +114,13 @@ def test_a_student_answering_as_the_teacher_agrees_everywhere(models, window, tm
     judge = GenerateJudge(SETTINGS, OfflineAnswers(teacher, VERSION, tmp_path, 0), window, tmp_path)
     judged, calibration = judge(twin)
     assert judged.agrees.all() and all(calibration.agrees_with_teacher)
+    other, _ = judge(models[1])
+    twin_likelihood, other_likelihood = (
+        judge.likelihood[judged.version],
+        judge.likelihood[other.version],
+    )
+    assert twin_likelihood is not None and other_likelihood is not None
+    assert other_likelihood < twin_likelihood < 0  # the teacher's own answers are likelier
 
 
 def test_answers_are_kept_per_version(models, window, tmp_path):
