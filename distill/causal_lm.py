@@ -143,17 +143,27 @@ def train_causal_lm(
     pad_id: int,
     loss_fn: AnswerLoss = answer_cross_entropy,
     desc: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[float]:
     """Train ``model`` in place (on its own device) on the answers of ``examples``;
-    returns each epoch's mean loss (weighted by answer tokens, as the loss is)."""
+    returns each epoch's mean loss (weighted by answer tokens, as the loss is). With
+    ``world_size`` > 1 (under Ray Train) each rank trains on its equal share of every
+    epoch's shuffle, and DistributedDataParallel averages the gradients across ranks."""
     if not examples:
         raise ValueError("no examples to train on")
     torch.manual_seed(settings.seed)
-    order_rng = random.Random(settings.seed)
+    order_rng = random.Random(settings.seed)  # the same shuffle on every rank
     model.get_input_embeddings().requires_grad_(settings.train_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    total = -(-len(examples) // settings.batch_size) * settings.epochs
+    net: nn.Module = model
+    if world_size > 1:  # the process group is set up by Ray Train
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    share = len(examples) // world_size  # equal shares: every rank takes as many steps
+    if share == 0:
+        raise ValueError(f"{len(examples)} examples cannot be shared by {world_size} workers")
+    total = -(-share // settings.batch_size) * settings.epochs
     warmup = max(1, int(total * settings.warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -161,14 +171,15 @@ def train_causal_lm(
     )
     model.train()
     losses = []
-    with tqdm(total=total, desc=desc, unit="step") as bar:
+    with tqdm(total=total, desc=desc, unit="step", disable=rank != 0) as bar:
         for epoch in range(settings.epochs):
             order = list(range(len(examples)))
             order_rng.shuffle(order)
+            mine = order[rank * share : (rank + 1) * share]
             summed, tokens = 0.0, 0
-            for start in range(0, len(order), settings.batch_size):
-                batch = [examples[i] for i in order[start : start + settings.batch_size]]
-                loss = batch_loss(model, batch, pad_id, settings.padding_side, loss_fn)
+            for start in range(0, len(mine), settings.batch_size):
+                batch = [examples[i] for i in mine[start : start + settings.batch_size]]
+                loss = batch_loss(net, batch, pad_id, settings.padding_side, loss_fn)
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(params, settings.max_grad_norm)

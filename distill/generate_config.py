@@ -39,9 +39,13 @@ class CausalTrainConfig(_Strict):
         default=False, description="False: the (tied) embedding and LM head stay frozen"
     )
     seed: int = 0
-    workers: PositiveInt = Field(
-        default=1, le=1, description="Trains in process (several workers: not yet)"
+    workers: PositiveInt = Field(default=1, description=">1 trains under Ray Train's TorchTrainer")
+    storage_path: str | None = Field(
+        default=None,
+        description="Where Ray Train keeps its checkpoints with workers > 1: a folder or URI "
+        "every node reaches (default <registry>/train-runs)",
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class GenerateDistillConfig(_Strict):

@@ -66,7 +66,9 @@ def run_generate(config: GenerateDistillConfig, trainer: Trainer | None = None) 
     began = time.time()
     with run_lock(registry.store) as lease:
         try:
-            report = _run_locked(config, registry, run_id, lease, trainer or _trainer(config))
+            report = _run_locked(
+                config, registry, run_id, lease, trainer or _trainer(config, registry)
+            )
         except Exception as exc:
             failed = {
                 "run_id": run_id,
@@ -172,11 +174,11 @@ def _run_locked(
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _trainer(config: GenerateDistillConfig) -> Trainer:
-    """The causal-LM training loop with the configured loss."""
+def _trainer(config: GenerateDistillConfig, registry: Registry) -> Trainer:
+    """The causal-LM training loop with the configured loss: in process for one worker,
+    under Ray Train for several (on one node or several)."""
 
     def train(current: Path, examples: Sequence[CausalExample], staged: Path) -> list[float]:
-        lm = load_language_model(current, device=config.device)
         t = config.train
         settings = CausalTrainSettings(
             epochs=t.epochs,
@@ -187,19 +189,46 @@ def _trainer(config: GenerateDistillConfig) -> Trainer:
             train_embeddings=t.train_embeddings,
             seed=t.seed,
         )
-        loss = (
-            token_distillation_loss(config.loss.alpha, config.loss.temperature)
-            if config.distillation == "token"
-            else answer_cross_entropy
-        )
-        losses = train_causal_lm(
-            lm.model,
-            examples,
-            settings,
-            lm.pad_token_id,
-            loss_fn=loss,
-            desc=f"distil {current.name}",
-        )
+        token = config.distillation == "token"
+        if t.workers > 1:
+            from distill.ray_train import train_causal_with_ray
+
+            lm = load_language_model(current, device="cpu")
+            storage = t.storage_path or (
+                f"{registry.uri}/train-runs"
+                if registry.local is None
+                else str((registry.local / "train-runs").resolve())
+            )
+            spec = (
+                ("token", config.loss.alpha, config.loss.temperature)
+                if token
+                else (
+                    "sequence",
+                    0.0,
+                    0.0,
+                )
+            )
+            losses, _ = train_causal_with_ray(
+                lm.model,
+                lm.tokenizer,
+                examples,
+                settings,
+                spec,
+                t.workers,
+                storage,
+                config.s3_endpoint,
+                t.placement_strategy,
+            )
+        else:
+            lm = load_language_model(current, device=config.device)
+            loss = (
+                token_distillation_loss(config.loss.alpha, config.loss.temperature)
+                if token
+                else answer_cross_entropy
+            )
+            losses = train_causal_lm(
+                lm.model, examples, settings, lm.pad_token_id, loss_fn=loss, desc="distil"
+            )
         lm.model.save_pretrained(staged)
         lm.tokenizer.save_pretrained(staged)
         return losses

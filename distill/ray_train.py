@@ -1,5 +1,5 @@
-"""The same training loop under Ray Train's ``TorchTrainer`` with N workers, which may
-run on other nodes.
+"""The same training loops (classification, and a causal LM's) under Ray Train's
+``TorchTrainer`` with N workers, which may run on other nodes.
 
 - The starting weights (the whole model folder: weights, config, tokenizer) travel as one
   object in Ray's object store; each worker writes them to its own local scratch folder.
@@ -19,14 +19,15 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.causal_lm import CausalExample, CausalTrainSettings
 from distill.finetune import TrainSettings, fine_tune
 
 
@@ -58,18 +59,7 @@ def _worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world,
     )
-    nodes: list[str | None] = [None] * world  # which node each rank ran on, for the report
-    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    metrics = {
-        "epoch_losses": json.dumps(losses),
-        "nodes": json.dumps(sorted(set(map(str, nodes)))),
-    }
-    if rank != 0:  # the weights are the same on every rank: one reports them
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="protege-out-") as out:
-        model.save_pretrained(out)  # safetensors
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(out))
+    _report(model, losses, rank, world)
 
 
 def _pack(folder: Path) -> dict[str, bytes]:
@@ -115,6 +105,102 @@ def train_with_ray(
     ``storage_path``: where the checkpoint goes (every node must reach it; default a local
     temporary folder, enough for a single machine; ``s3://bucket/prefix`` through pyarrow's
     S3 file system at ``s3_endpoint`` or $AWS_ENDPOINT_URL)."""
+    loop = {"texts": texts, "labels": labels, "soft": soft, "settings": asdict(settings)}
+    return _fit(
+        _worker, loop, model, tokenizer, workers, storage_path, s3_endpoint, placement_strategy
+    )
+
+
+def train_causal_with_ray(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[CausalExample],
+    settings: CausalTrainSettings,
+    loss: tuple[str, float, float],
+    workers: int,
+    storage_path: str | None = None,
+    s3_endpoint: str | None = None,
+    placement_strategy: str = "PACK",
+) -> tuple[list[float], list[str]]:
+    """:func:`train_with_ray` for a causal LM on (prompt, answer) pairs
+    (:func:`distill.causal_lm.train_causal_lm`); ``loss`` is ``("token", alpha,
+    temperature)`` for token-level distillation, else ``("sequence", 0, 0)``."""
+    loop = {"examples": list(examples), "settings": asdict(settings), "loss": loss}
+    return _fit(
+        _causal_worker,
+        loop,
+        model,
+        tokenizer,
+        workers,
+        storage_path,
+        s3_endpoint,
+        placement_strategy,
+    )
+
+
+def _causal_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.causal_lm import answer_cross_entropy, train_causal_lm
+    from distill.token_kd import token_distillation_loss
+    from serving.generate.models import load_tokenizer
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    with tempfile.TemporaryDirectory(prefix="protege-start-") as scratch:
+        start = _unpack(ray.get(config["start"]), Path(scratch))
+        model = AutoModelForCausalLM.from_pretrained(start, use_safetensors=True)
+        tokenizer = load_tokenizer(start)  # padding as the in-process loop pads
+    model.to(ray.train.torch.get_device())  # type: ignore[arg-type]
+    kind, alpha, temperature = config["loss"]
+    loss_fn = token_distillation_loss(alpha, temperature) if kind == "token" else None
+    losses = train_causal_lm(
+        model,
+        config["examples"],
+        CausalTrainSettings(**config["settings"]),
+        int(tokenizer.pad_token_id),
+        loss_fn=loss_fn or answer_cross_entropy,
+        desc="distil (ray train)",
+        rank=rank,
+        world_size=world,
+    )
+    _report(model, losses, rank, world)
+
+
+def _report(model: PreTrainedModel, losses: list[float], rank: int, world: int) -> None:
+    """Every rank reports its losses and node; rank 0 also the weights, as a checkpoint."""
+    import ray
+    import ray.train
+
+    nodes: list[str | None] = [None] * world  # which node each rank ran on, for the report
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    metrics = {
+        "epoch_losses": json.dumps(losses),
+        "nodes": json.dumps(sorted(set(map(str, nodes)))),
+    }
+    if rank != 0:  # the weights are the same on every rank: one reports them
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="protege-out-") as out:
+        model.save_pretrained(out)  # safetensors
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(out))
+
+
+def _fit(
+    worker: Any,
+    loop: dict[str, Any],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    workers: int,
+    storage_path: str | None,
+    s3_endpoint: str | None,
+    placement_strategy: str,
+) -> tuple[list[float], list[str]]:
+    """Run ``worker`` on ``workers`` Ray Train workers from ``model``'s weights (shipped
+    through the object store) and load rank 0's checkpoint back into ``model``."""
     try:
         import ray
         from ray.train import RunConfig, ScalingConfig
@@ -130,14 +216,8 @@ def train_with_ray(
         model.save_pretrained(start)
         tokenizer.save_pretrained(start)
         trainer = TorchTrainer(
-            _worker,
-            train_loop_config={
-                "start": ray.put(_pack(start)),
-                "texts": texts,
-                "labels": labels,
-                "soft": soft,
-                "settings": asdict(settings),
-            },
+            worker,
+            train_loop_config={"start": ray.put(_pack(start)), **loop},
             scaling_config=ScalingConfig(
                 num_workers=workers,
                 use_gpu=torch.cuda.is_available(),
@@ -153,7 +233,9 @@ def train_with_ray(
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train returned no checkpoint: {result.error!r}")
         with result.checkpoint.as_directory() as folder:
-            model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+            # through from_pretrained: it re-ties the weights a tied checkpoint leaves out
+            trained = type(model).from_pretrained(folder, use_safetensors=True)
+            model.load_state_dict(trained.state_dict())
         metrics = result.metrics or {}
         losses = list(json.loads(metrics["epoch_losses"]))
         _remove_run(result.path, filesystem)
