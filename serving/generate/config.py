@@ -9,6 +9,7 @@ manifest unless the config sets them (:func:`resolve_limits`).
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -65,6 +66,23 @@ class RemoteTeacherSpec(_Strict):
         "by text, and this maps them to ids so the log keeps the top-k (without it, "
         "records keep the teacher's text only)",
     )
+    allow_plain_http: bool = Field(
+        default=False,
+        description="Send the key over plain http to a host other than this machine (only "
+        "inside a network you trust; otherwise use https://)",
+    )
+
+    @model_validator(mode="after")
+    def _no_key_in_clear(self) -> RemoteTeacherSpec:
+        host = urlsplit(self.url).hostname or ""
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        clear = self.url.startswith("http://") and not loopback and not self.allow_plain_http
+        if self.api_key_env and clear:
+            raise ValueError(
+                f"the teacher's key would travel in clear text to {host}: use an https:// "
+                "url, or set allow_plain_http: true inside a network you trust"
+            )
+        return self
 
 
 class GenerateOverloadConfig(_Strict):

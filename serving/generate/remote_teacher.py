@@ -241,9 +241,10 @@ Token = tuple[str, float, list[tuple[str, float]]]  # text, log-probability, alt
 def _chat_tokens(logprobs: Mapping[str, Any] | None) -> list[Token]:
     tokens: list[Token] = []
     for item in (logprobs or {}).get("content") or []:
-        alternatives = [
-            (str(a["token"]), float(a["logprob"])) for a in item.get("top_logprobs") or []
-        ]
+        alternatives = sorted(  # most likely first, whatever the server's order
+            ((str(a["token"]), float(a["logprob"])) for a in item.get("top_logprobs") or []),
+            key=lambda pair: -pair[1],
+        )
         tokens.append((str(item["token"]), float(item["logprob"]), alternatives))
     return tokens
 

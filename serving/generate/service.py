@@ -205,13 +205,18 @@ class GenerationService:
         return None if since is None else time.monotonic() - since
 
     async def ask_teacher(self, texts: list[str]) -> tuple[list[TeacherDone] | None, str]:
-        """One token from the teacher for each text (the readiness probe's call, see
-        :class:`serving.teacher_probe.TeacherProbe`): an answer clears a failing teacher,
-        a failure is counted. Returns the answers' ends (None on failure) and the status."""
+        """One token from the teacher for each text, as a chat (every OpenAI-compatible
+        server answers chats; some refuse legacy completions): the readiness probe's call,
+        see :class:`serving.teacher_probe.TeacherProbe`. An answer clears a failing
+        teacher, a failure is counted. Returns the answers' ends (None on failure) and the
+        status."""
         done: list[TeacherDone] = []
         try:
             for text in texts:
-                request = TeacherRequest(settings=SamplingSettings(max_new_tokens=1), prompt=text)
+                request = TeacherRequest(
+                    settings=SamplingSettings(max_new_tokens=1),
+                    messages=[{"role": "user", "content": text}],
+                )
                 async with aclosing(self._teacher.stream(request)) as items:
                     async for item in _within_timeout(items, self.config.teacher_timeout_s):
                         if isinstance(item, TeacherDone):
@@ -476,6 +481,15 @@ class GenerationService:
         return self._in_background(self._write_records([self._record(run)]))
 
     def _record(self, run: _Run) -> GenerationRecord:
+        """The request's record; a top-k the record refuses (a remote server's malformed
+        alternatives) is left out rather than losing the record."""
+        try:
+            return self._make_record(run, with_top_k=True)
+        except ValueError as exc:
+            logger.warning("teacher top-k left out of the record: %s", _describe(exc))
+            return self._make_record(run, with_top_k=False)
+
+    def _make_record(self, run: _Run, with_top_k: bool) -> GenerationRecord:
         request, done = run.request, run.done
         teacher = None
         if run.status == "answered" and done is not None:
@@ -483,7 +497,7 @@ class GenerationService:
                 text=run.teacher_text,
                 version=done.version,
                 token_ids=run.teacher_ids,
-                top_logprobs=_named_top(run),
+                top_logprobs=_named_top(run) if with_top_k else None,
                 draft_tokens=done.draft_tokens,
                 draft_accepted=done.accepted,
             )

@@ -254,7 +254,7 @@ def test_the_image_installs_what_make_install_installs():
 def test_a_remote_generative_teacher_is_kept_and_gets_no_deployment(tmp_path):
     source = yaml.safe_load((ROOT / "deploy/serve_config.yaml").read_text())
     app = source["applications"][0]
-    remote = {"url": "http://vllm.models.svc:8000/v1", "model": "big", "api_key_env": "KEY"}
+    remote = {"url": "https://vllm.models.svc:8000/v1", "model": "big", "api_key_env": "KEY"}
     app["args"]["generate"] = {"student": {"path": "/x"}, "teacher": remote}
     app.setdefault("deployments", []).append(copy.deepcopy(GENERATIVE_TEACHER))
     (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(source))

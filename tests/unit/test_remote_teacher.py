@@ -287,3 +287,151 @@ def test_an_unreachable_teacher_leaves_the_students_answer_degraded_and_logged(t
     assert isinstance(events[-1], Finished)
     (record,) = sink.records
     assert record.teacher_status == "failed" and record.teacher_text is None
+
+
+def test_alternatives_out_of_order_are_ranked(tokenizer, words):
+    (first, the), (second, cat) = words
+    server = Server(sse(chat_chunk(first, [(second, -2.0), (first, -0.1)], finish="stop")))
+    request = TeacherRequest(settings=SamplingSettings(2), messages=CHAT, top_k=2)
+    chunk = asyncio.run(items(teacher(server, tokenizer=tokenizer), request))[0]
+    # the chosen token is the first listed in the stub's content; the ranking is by logprob
+    assert chunk.top_logprobs == [[(the, -0.1), (cat, -2.0)]]
+
+
+class Body(httpx.AsyncByteStream):
+    """An endless event stream that remembers being closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def __aiter__(self):
+        while True:
+            yield f"data: {json.dumps(chat_chunk('x', None))}\n\n".encode()
+            await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_closing_the_stream_mid_answer_closes_the_http_response():
+    body = Body()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=body, headers={"content-type": "text/event-stream"})
+
+    remote = RemoteTeacher(URL, MODEL, transport=httpx.MockTransport(handler))
+    request = TeacherRequest(settings=SamplingSettings(2), messages=CHAT)
+
+    async def run() -> None:
+        stream = remote.stream(request)
+        assert (await anext(stream)).text == "x"
+        await stream.aclose()  # the client went away: the server must see it
+
+    asyncio.run(run())
+    assert body.closed
+
+
+def test_a_key_never_travels_in_clear_text(tmp_path):
+    def spec(url: str, **fields):
+        return config(tmp_path, teacher={"url": url, "model": "m", "api_key_env": "K", **fields})
+
+    with pytest.raises(ValueError, match=r"in clear text to teacher\.example"):
+        spec("http://teacher.example/v1")
+    assert spec("https://teacher.example/v1").teacher.api_key_env == "K"
+    assert spec("http://127.0.0.1:8000/v1").teacher.url.startswith("http://127")  # this machine
+    assert spec("http://teacher.example/v1", allow_plain_http=True).teacher.allow_plain_http
+    unkeyed = config(tmp_path, teacher={"url": "http://teacher.example/v1", "model": "m"})
+    assert unkeyed.teacher.api_key_env is None  # no key, nothing to leak
+
+
+def test_the_gateway_refuses_a_named_key_that_is_not_set(tmp_path, monkeypatch):
+    from serving.app import ConfigError, check_remote_teacher
+    from serving.generate.host import teacher_client
+
+    monkeypatch.delenv("PROTEGE_NO_SUCH_KEY", raising=False)
+    cascade = config(
+        tmp_path,
+        teacher={"url": "https://t.example/v1", "model": "m", "api_key_env": "PROTEGE_NO_SUCH_KEY"},
+    )
+    with pytest.raises(ConfigError, match="PROTEGE_NO_SUCH_KEY is unset or empty"):
+        check_remote_teacher(cascade.teacher)
+    with pytest.raises(ValueError, match="unset or empty"):
+        teacher_client(cascade, None)  # a replica fails closed too
+    monkeypatch.setenv("PROTEGE_NO_SUCH_KEY", "sk-1")
+    assert isinstance(teacher_client(cascade, None), RemoteTeacher)
+    with pytest.raises(ValueError, match="needs its teacher deployment"):
+        teacher_client(config(tmp_path), None)
+
+
+class Scripted:
+    """A teacher client answering with fixed chunks (what a remote server's texts named)."""
+
+    def __init__(self, chunks: list[TeacherChunk]) -> None:
+        self.chunks = chunks
+
+    async def info(self):
+        from serving.generate.teacher_engine import TeacherInfo
+
+        return TeacherInfo("remote-model", None, verifies_drafts=False)
+
+    async def stream(self, request):
+        for chunk in self.chunks:
+            yield chunk
+        yield TeacherDone("stop", 3, len(self.chunks), "remote-model")
+
+
+@pytest.fixture(scope="module")
+def student_lm(tmp_path_factory):
+    return load_language_model(build_tiny_lm(tmp_path_factory.mktemp("s") / "lm", seed=2), "cpu")
+
+
+def logged(tmp_path, lm, chunks: list[TeacherChunk]):
+    sink = Sink()
+    service = GenerationService(
+        config(tmp_path, threshold=1.0, top_logprobs=3, teacher={"url": URL, "model": MODEL}),
+        lambda: student_of(lm, digest="student", threshold=1.0),
+        Scripted(chunks),
+        sink,
+    )
+
+    async def run() -> list:
+        ids = render_chat(lm.tokenizer, CHAT)
+        request = GenerationRequest(
+            request_id="r", prompt_ids=ids, messages=CHAT, settings=SamplingSettings(4)
+        )
+        return [event async for event in service.stream(request)]
+
+    asyncio.run(run())
+    (record,) = sink.records
+    return record
+
+
+def chunk(token: int, top: list[tuple[int, float]]) -> TeacherChunk:
+    return TeacherChunk(text="t", token_ids=[token], logprobs=[top[0][1]], top_logprobs=[top])
+
+
+def test_the_log_keeps_the_alternatives_every_position_names(tmp_path, student_lm):
+    named = [
+        chunk(5, [(5, -0.1), (7, -1.0), (8, -2.0)]),
+        chunk(6, [(6, -0.2), (9, -1.5), (3, -2.5)]),
+    ]
+    record = logged(tmp_path, student_lm, named)
+    assert record.teacher_top_logprobs.ids == [[5, 7, 8], [6, 9, 3]]
+    cut = [
+        chunk(5, [(5, -0.1), (-1, -1.0), (8, -2.0)]),
+        chunk(6, [(6, -0.2), (9, -1.5), (3, -2.5)]),
+    ]
+    record = logged(tmp_path, student_lm, cut)  # an unnamed second choice: k cut to 1 everywhere
+    assert record.teacher_top_logprobs.ids == [[5], [6]]
+    twice = [chunk(5, [(5, -0.1), (5, -1.0), (8, -2.0)])]
+    assert logged(tmp_path, student_lm, twice).teacher_top_logprobs.ids == [[5]]
+    unnamed = [chunk(-1, [(-1, -0.1), (7, -1.0), (8, -2.0)])]
+    record = logged(tmp_path, student_lm, unnamed)  # the answer's own token has no id
+    assert record.teacher_top_logprobs is None and record.teacher_text == "t"
+
+
+def test_a_top_k_the_record_refuses_never_loses_the_record(tmp_path, student_lm):
+    unsorted = [chunk(5, [(5, -2.0), (7, -0.1), (8, -3.0)])]  # not most likely first
+    record = logged(tmp_path, student_lm, unsorted)
+    assert record.teacher_status == "answered" and record.teacher_text == "t"
+    assert record.teacher_top_logprobs is None
