@@ -55,6 +55,12 @@ class GenerateDistillConfig(_Strict):
     s3_endpoint: str | None = None
     work_dir: Path = Path("var/cache/distill-work")
     teacher: Path = Field(description="The teacher's causal-LM folder (answers offline)")
+    teacher_version: str | None = Field(
+        default=None,
+        description="The version the gateway's teacher logs its answers under, when it is "
+        "not this folder's (a remote teacher logs its model name): those logged answers "
+        "then train as they are; None: the folder's own version",
+    )
     traffic: Path | None = Field(
         default=None,
         description="The task's prompts (`protege init` writes them): the calibration fallback",

@@ -48,7 +48,7 @@ from serving.contracts.manifest import (
     write_manifest,
 )
 from serving.contracts.registry import Registry, RegistryError
-from serving.generate.models import load_language_model
+from serving.generate.models import load_language_model, load_tokenizer, tokenizer_differences
 
 Trainer = Callable[[Path, Sequence[CausalExample], Path], list[float]]
 """(current student's folder, training pairs, where to save the candidate) -> epoch losses."""
@@ -127,8 +127,16 @@ def _run_locked(
             "window": window.describe(),
         }
     teacher_lm = load_language_model(config.teacher, device=config.device)
+    student_folder = registry.path(current)
+    student_tokenizer = load_tokenizer(student_folder)
+    differences = tokenizer_differences(student_tokenizer, teacher_lm.tokenizer)
+    if config.distillation == "token" and differences:
+        raise ValueError(
+            f"the student's and the teacher's tokenizers differ ({', '.join(differences)}), "
+            "and token-level distillation needs one tokenizer: set `distillation: sequence`"
+        )
     teacher_manifest = read_manifest(config.teacher)
-    teacher_version = (
+    teacher_version = config.teacher_version or (
         teacher_manifest.version
         if teacher_manifest
         else f"teacher-{weights_digest(config.teacher)}"
@@ -141,8 +149,6 @@ def _run_locked(
     records = [r for r in window.new + window.replay if normalise(r.split_text) not in held_out]
     began = time.perf_counter()
     answers = offline.answers(records)
-    student_folder = registry.path(current)
-    student_tokenizer = load_language_model(student_folder, device="cpu").tokenizer
     examples = training_examples(records, answers, student_tokenizer, config.distillation)
     if not examples:
         raise ValueError("no training pairs: every teacher answer was empty")
@@ -166,8 +172,9 @@ def _run_locked(
         report["offline_generation"] = {
             "teacher_answers": offline.asked,
             "teacher_seconds": round(offline.seconds, 1),
-            "judge_seconds": report.pop("judge_seconds"),
-            "answer_set_up_seconds": round(training_began - began, 1),
+            "answers_of_another_teacher_version": offline.foreign(records),
+            **report.pop("judge_cost"),
+            "training_set_seconds": round(training_began - began, 1),
         }
         return report
     finally:
@@ -291,7 +298,12 @@ def _judge_and_publish(
     )
     current_judged, _ = judge(registry.path(current))
     candidate_judged, calibration = judge(staged)
-    judge_seconds = round(time.perf_counter() - began, 1)
+    judge_cost = {
+        "judge_seconds": round(time.perf_counter() - began, 1),
+        "judge_teacher_seconds": round(judge.teacher_seconds, 1),
+        "student_answers": {v: c.asked for v, c in judge.students.items()},
+        "student_seconds": {v: round(c.seconds, 1) for v, c in judge.students.items()},
+    }
     decision = gate.decide(
         current_judged, candidate_judged, judge.gate_set, config.gate, judge.teacher_gold
     )
@@ -303,11 +315,11 @@ def _judge_and_publish(
             "current": current,
             "candidate": candidate,
             "window": window.describe(),
-            "judge_seconds": judge_seconds,
+            "judge_cost": judge_cost,
         }
     flat = {name: flat_figures(figures.get(name)) for name in ("current", "candidate")}
     if not lease.renew():
-        return {**lease_lost(current), "judge_seconds": judge_seconds}
+        return {**lease_lost(current), "judge_cost": judge_cost}
     if decision.promote:
         evaluated = {k: v for k, v in flat["candidate"].items() if isinstance(v, float)}
         write_manifest(
@@ -335,7 +347,7 @@ def _judge_and_publish(
             "what": "mean log-likelihood per token of the teacher's greedy answers to the "
             "gate records, under each student",
         },
-        "judge_seconds": judge_seconds,
+        "judge_cost": judge_cost,
     }
 
 

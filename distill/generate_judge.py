@@ -17,6 +17,7 @@ non-inferiority figure (the gate's "gold correct", as a number in [0, 1]).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from distill.splits import normalise
 from serving.contracts.generation_records import GenerationRecord
 from serving.contracts.manifest import Calibration, make_calibration, read_manifest, weights_digest
 from serving.generate.agreement import rouge_l_many
+from serving.generate.generation import SamplingSettings
 from serving.generate.models import LanguageModel, load_language_model
 from serving.generate.scorers import SCORERS
 
@@ -52,8 +54,10 @@ class JudgeSettings:
 
 
 def prompt_key(prompt: TaskPrompt) -> str:
-    """A task prompt's cache key: a digest of its canonical prompt."""
-    return "prompt:" + hashlib.sha256(prompt.split_text.encode()).hexdigest()[:24]
+    """A task prompt's cache key: a digest of its kind and exact text (a completion and a
+    one-message chat of the same words render differently)."""
+    exact = json.dumps(prompt.chat() or {"prompt": prompt.prompt}, sort_keys=True)
+    return "prompt:" + hashlib.sha256(exact.encode()).hexdigest()[:24]
 
 
 class GenerateJudge:
@@ -76,6 +80,7 @@ class GenerateJudge:
         self.gate_answers = teacher.greedy(self.gate_records)
         self.gate_teacher = [a.text for a in self.gate_answers]
         self.likelihood: dict[str, float | None] = {}  # per version: see teacher_likelihood
+        self.students: dict[str, GreedyCache] = {}
         self.cal_sampled = sum(r.reason == "audit" for r in self.cal_records)
         self.live = self.cal_sampled >= settings.min_calibration_sampled or (
             not traffic and self.cal_sampled > 0
@@ -128,6 +133,7 @@ class GenerateJudge:
         answers = GreedyCache(
             student, version, self.cache, settings.max_new_tokens, settings.batch_size
         )
+        self.students[version] = answers  # its answers' count and seconds, for the report
         if self.live:
             mine = _answer_records(answers, student, self.cal_records)
             weights = np.array([1 / r.inclusion_probability for r in self.cal_records])
@@ -145,7 +151,9 @@ class GenerateJudge:
             settings.scorer, target_agreement=settings.target_agreement
         )
         scorer = SCORERS[settings.scorer]
-        self.likelihood[version] = teacher_likelihood(student, self.gate_records, self.gate_answers)
+        self.likelihood[version] = teacher_likelihood(
+            student, self.gate_records, self.gate_answers, settings.batch_size
+        )
         on_gate = _answer_records(answers, student, self.gate_records)
         judged = gate.Judged(
             version,
@@ -168,7 +176,10 @@ class GenerateJudge:
 
 
 def teacher_likelihood(
-    lm: LanguageModel, records: Sequence[GenerationRecord], answers: Sequence[TeacherText]
+    lm: LanguageModel,
+    records: Sequence[GenerationRecord],
+    answers: Sequence[TeacherText],
+    batch_size: int = 8,
 ) -> float | None:
     """The student's mean log-likelihood per token of the teacher's greedy answers to the
     gate records (the end of turn included where the teacher stopped): how close it came
@@ -176,8 +187,8 @@ def teacher_likelihood(
     examples = training_examples(records, answers, lm.tokenizer, "sequence")
     total, tokens = 0.0, 0
     with torch.inference_mode():
-        for first in range(0, len(examples), 8):
-            chunk = examples[first : first + 8]
+        for first in range(0, len(examples), batch_size):
+            chunk = examples[first : first + batch_size]
             logits, targets = answer_logits(lm.model, collate(chunk, lm.pad_token_id))
             total -= float(F.cross_entropy(logits.float(), targets, reduction="sum"))
             tokens += int(targets.numel())
@@ -191,8 +202,17 @@ def _answer(cache: GreedyCache, prompts: Sequence[TaskPrompt]) -> list[Greedy]:
 def _answer_records(
     cache: GreedyCache, lm: LanguageModel, records: Sequence[GenerationRecord]
 ) -> list[Greedy]:
+    """Greedy answers under each record's own limits (its max_new_tokens, within the
+    version's, and its stop strings), as the teacher's greedy answers were generated."""
     prompts = [prompt_ids(lm.tokenizer, r) for r in records]
-    return cache.answers([r.record_id for r in records], prompts)
+    settings = [
+        SamplingSettings(
+            max_new_tokens=min(r.sampling.max_new_tokens, cache.max_new_tokens),
+            stop=tuple(r.sampling.stop),
+        )
+        for r in records
+    ]
+    return cache.answers([r.record_id for r in records], prompts, settings)
 
 
 def _agree(mine: Sequence[Greedy], teacher: Sequence[str], cut: float) -> np.ndarray:

@@ -99,11 +99,16 @@ def escalation_table(
 
 
 def calibrate(
-    student: Answers, teacher: Answers, agreement_cut: float, source: str
+    student: Answers,
+    teacher: Answers,
+    agreement_cut: float,
+    source: str,
+    scorer: str = DEFAULT_SCORER,
 ) -> tuple[Calibration, dict[str, Any]]:
     """A student's calibration from its greedy answers and the teacher's to the same
     prompts: confidences under every scorer, agreement (ROUGE-L >= ``agreement_cut``),
-    and the draft rule's cut from the share of each draft the teacher would keep."""
+    and the draft rule's cut, on the serving ``scorer``'s scale, from the share of each
+    draft the teacher would keep."""
     logprobs = [g.logprobs for g in student.generated]
     confidences = {name: scorer(logprobs) for name, scorer in SCORERS.items()}
     rouge = rouge_l_many(student.texts, teacher.texts)
@@ -115,14 +120,14 @@ def calibrate(
             for a, b in zip(student.generated, teacher.generated, strict=True)
         ]
     )
-    cut = draft_cut(confidences[DEFAULT_SCORER], shares)
+    cut = draft_cut(confidences[scorer], shares)
     figures = {
         "traffic_prompts": len(student.generated),
         "student_teacher_rouge_l": float(rouge.mean()),
         "agreement": float(agrees.mean()),
         "accepted_draft_share": float(shares.mean()),
         "draft_min_confidence": cut,
-        "drafts_used": float(np.mean(confidences[DEFAULT_SCORER] >= cut)),
+        "drafts_used": float(np.mean(confidences[scorer] >= cut)),
         "escalation_by_target": escalation_table(confidences, agrees),
     }
     return calibration, figures

@@ -42,12 +42,33 @@ class GreedyCache:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a torn last line from an interrupted run
 
-    def answers(self, keys: Sequence[str], prompts: Sequence[Sequence[int]]) -> list[Greedy]:
-        """The answers to ``prompts`` (rendered in this model's tokens), by ``keys``."""
-        todo = [(k, p) for k, p in zip(keys, prompts, strict=True) if k not in self._known]
-        todo = list({k: (k, p) for k, p in todo}.values())
+    def answers(
+        self,
+        keys: Sequence[str],
+        prompts: Sequence[Sequence[int]],
+        settings: Sequence[SamplingSettings] | None = None,
+    ) -> list[Greedy]:
+        """The answers to ``prompts`` (rendered in this model's tokens), by ``keys``; each
+        with its ``settings`` (greedy; default: this cache's ``max_new_tokens``). A key
+        names one prompt and its settings (a record id, or a prompt's digest)."""
+        default = SamplingSettings(max_new_tokens=self.max_new_tokens)
+        each = list(settings) if settings is not None else [default] * len(prompts)
+        todo = {
+            k: (k, p, s)
+            for k, p, s in zip(keys, prompts, each, strict=True)
+            if k not in self._known
+        }
+        groups: dict[tuple[int, tuple[str, ...]], list[tuple[str, Sequence[int]]]] = {}
+        for key, prompt, setting in todo.values():
+            groups.setdefault((setting.max_new_tokens, tuple(setting.stop)), []).append(
+                (key, prompt)
+            )
+        for (max_new, stop), group in groups.items():
+            self._generate(group, SamplingSettings(max_new_tokens=max_new, stop=stop))
+        return [self._known[k] for k in keys]
+
+    def _generate(self, todo: list[tuple[str, Sequence[int]]], settings: SamplingSettings) -> None:
         todo.sort(key=lambda item: len(item[1]))  # a batch pads little
-        settings = SamplingSettings(max_new_tokens=self.max_new_tokens)
         for first in range(0, len(todo), self.batch_size):
             batch = todo[first : first + self.batch_size]
             began = time.perf_counter()
@@ -61,4 +82,3 @@ class GreedyCache:
                     self._known[key] = Greedy(answer.text, [float(x) for x in answer.logprobs])
                     row = {"key": key, "text": answer.text, "logprobs": answer.logprobs}
                     handle.write(json.dumps(row) + "\n")
-        return [self._known[k] for k in keys]

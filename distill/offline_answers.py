@@ -3,7 +3,9 @@
 An audited (kept) answer is logged with the student's text only, and an escalation whose
 teacher failed, timed out, was skipped or cancelled has empty teacher fields: the job
 generates the teacher's answer to those offline, greedily, with the record's own limits
-(``max_new_tokens``, stop strings) and the top-k the log would have kept. The judge needs
+(``max_new_tokens``, stop strings) and the top-k the log would have kept. An answer counts
+as ended on its own (the student learns to end its turn there) only when no stop string
+was asked: a stop string's cut is the client's. The judge needs
 greedy answers on both sides, so a record served with sampling gets its greedy answer
 offline too (:meth:`OfflineAnswers.greedy`); training takes the logged answer as it is
 (:meth:`OfflineAnswers.answers`). An answer logged by another teacher version is asked
@@ -76,11 +78,19 @@ class OfflineAnswers:
             return None
         top = record.teacher_top_logprobs
         if top is not None:
-            stopped = len(top.tokens) < record.sampling.max_new_tokens
+            short = len(top.tokens) < record.sampling.max_new_tokens
         else:  # a remote teacher's answer without ids: count its tokens here
             tokens = self.teacher.tokenizer(record.teacher_text, add_special_tokens=False)
-            stopped = len(tokens["input_ids"]) < record.sampling.max_new_tokens
-        return TeacherText(record.teacher_text, stopped, top)
+            short = len(tokens["input_ids"]) < record.sampling.max_new_tokens
+        # short of its limit with no stop string asked: it ended its turn (a stop string's
+        # cut is the client's, and must not teach the student to end its turn there)
+        return TeacherText(record.teacher_text, short and not record.sampling.stop, top)
+
+    def foreign(self, records: Sequence[GenerationRecord]) -> int:
+        """Records answered by another teacher version (asked again here)."""
+        return sum(
+            r.teacher_status == "answered" and r.teacher_version != self.version for r in records
+        )
 
     def answers(self, records: Sequence[GenerationRecord]) -> list[TeacherText]:
         """For training: the logged answer, else the greedy one generated offline."""
@@ -123,7 +133,8 @@ class OfflineAnswers:
                 top = None
                 if self.top_k and answer.token_ids and answer.top_logprobs:
                     top = TopKLogprobs.from_pairs(answer.token_ids, answer.top_logprobs)
-                text = TeacherText(answer.text, answer.finish_reason == "stop", top)
+                ended = answer.finish_reason == "stop" and not settings.stop  # its own end
+                text = TeacherText(answer.text, ended, top)
                 self._known[record.record_id] = text
                 row = {
                     "record_id": record.record_id,

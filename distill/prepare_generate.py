@@ -113,7 +113,7 @@ def prepare_generate(
     n = len(traffic)
     source = f"{n} prompts of the task's traffic ({spec.traffic.name})"
     mine, theirs = _part(answers["student"], 0, n), _part(answers["teacher"], 0, n)
-    calibration, figures = calibrate(mine, theirs, spec.agreement_cut, source)
+    calibration, figures = calibrate(mine, theirs, spec.agreement_cut, source, spec.scorer)
     threshold = calibration.threshold(spec.scorer, target_agreement=spec.target_agreement)
     confidence = np.asarray(calibration.confidences[spec.scorer])
     figures.update(

@@ -124,14 +124,22 @@ def planted(folder: Path):
     return train
 
 
-def test_a_run_trains_for_real_and_reports_its_cost(task):
+def test_a_run_trains_for_real_and_reports_its_cost(task, tmp_path):
     write_log(task, 0)
-    report = run_generate(task)
+    held_out = prompts("train", 1)[0]  # a gold prompt that was also served: never trained on
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text(json.dumps({"prompt": held_out, "reference": "a headline"}) + "\n")
+    report = run_generate(task.model_copy(update={"gold": gold}))
     assert report["kind"] == "generate" and report["result"] in ("promoted", "rejected")
     training = report["training"]
-    assert training["examples"] == 6 and training["top_k_examples"] == 6
+    assert training["examples"] == 5 and training["top_k_examples"] == 5  # 6 less gold's
     assert len(training["epoch_losses"]) == 1 and training["epoch_losses"][0] > 0
-    assert report["offline_generation"]["teacher_answers"] > 0  # audits and foreign answers
+    cost = report["offline_generation"]
+    # every teacher answer was logged by another version: asked again, as the audits were
+    assert cost["answers_of_another_teacher_version"] == 5
+    assert cost["teacher_answers"] == 5 + 10 + 12  # training, calibration and gate records
+    assert set(cost["student_answers"]) == {report["current"], report["candidate"]}
+    assert all(n > 0 for n in cost["student_answers"].values())
     assert report["calibration"]["kind"] == "live_traffic"
     registry = Registry(task.registry)
     assert read_watermark(registry.store)  # consumed, promoted or not

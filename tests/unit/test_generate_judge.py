@@ -44,7 +44,11 @@ def models(tmp_path_factory):
 
 
 def greedy(lm, record):
-    (answer,) = generate_batch(lm, [prompt_ids(lm.tokenizer, record)], SamplingSettings(MAX_NEW))
+    """The greedy answer under the record's own limits, as both sides are judged."""
+    settings = SamplingSettings(
+        min(record.sampling.max_new_tokens, MAX_NEW), stop=tuple(record.sampling.stop)
+    )
+    (answer,) = generate_batch(lm, [prompt_ids(lm.tokenizer, record)], settings)
     return answer
 
 
@@ -74,6 +78,11 @@ def window(models, tmp_path_factory):
     for role in ("calibration", "gate"):
         for i, prompt in enumerate(prompts(role, 4)):
             record = audit(100 * (role == "gate") + i, prompt)
+            if role == "gate" and i == 2:  # a client that asked for less, with a stop string
+                short = {**SAMPLING, "max_new_tokens": 3, "stop": ["e"]}
+                record = record.model_copy(
+                    update={"sampling": record.sampling.model_validate(short)}
+                )
             if i % 2:  # an escalation, logged with the teacher's (greedy) answer
                 answer = greedy(teacher, record).text
                 record = record.model_copy(
@@ -103,6 +112,7 @@ def test_the_judge_scores_greedy_answers_against_the_teachers(models, window, tm
     theirs = [greedy(teacher, r).text for r in window.evaluation["gate"]]
     expected = rouge_l_many([a.text for a in mine], theirs) >= 0.5
     assert judged.agrees.tolist() == expected.tolist()
+    assert mine[2].completion_tokens <= 3 and "e" not in mine[2].text  # its own limits
     scores = SCORERS["mean_logprob"]([a.logprobs for a in mine])
     assert np.allclose(judged.confidence, scores, atol=1e-5)
     assert calibration.kind == "live_traffic" and calibration.weights == [4.0, 1.0, 4.0, 1.0]

@@ -28,20 +28,19 @@ def teacher(tmp_path_factory):
 
 def unanswered(i: int, prompt: str, **update):
     """A kept answer sampled for audit: no teacher fields."""
-    return generation(
-        i,
-        prompt=prompt,
-        messages=None,
-        reason="audit",
-        teacher_status="skipped",
-        teacher_version=None,
-        teacher_text=None,
-        teacher_top_logprobs=None,
-        draft_tokens=None,
-        draft_accepted=None,
-        sampling=SAMPLING,
-        **update,
-    )
+    fields = {
+        "prompt": prompt,
+        "messages": None,
+        "reason": "audit",
+        "teacher_status": "skipped",
+        "teacher_version": None,
+        "teacher_text": None,
+        "teacher_top_logprobs": None,
+        "draft_tokens": None,
+        "draft_accepted": None,
+        "sampling": SAMPLING,
+    }
+    return generation(i, **(fields | update))
 
 
 def greedy(teacher, record):
@@ -125,3 +124,21 @@ def test_sequence_distillation_trains_on_the_text_in_the_students_tokens(teacher
     ] + [eos]
     empty = training_examples([record], [TeacherText("", False)], tokenizer, "sequence")
     assert empty == []  # nothing to learn from
+
+
+def test_an_answer_cut_by_a_stop_string_does_not_teach_the_end_of_turn(teacher, tmp_path):
+    top = TopKLogprobs(tokens=[5, 6], ids=[[5, 7, 8], [6, 7, 8]], logprobs=[[-0.1] * 3] * 2)
+    fields = {"prompt": "Rates fell", "messages": None, "teacher_version": VERSION}
+    plain = generation(7, **fields, teacher_text="ab", teacher_top_logprobs=top, sampling=SAMPLING)
+    cut = generation(
+        8,
+        **fields,
+        teacher_text="ab",
+        teacher_top_logprobs=top,
+        sampling={**SAMPLING, "stop": ["\n"]},
+    )
+    offline = OfflineAnswers(teacher, VERSION, tmp_path, top_k=K)
+    assert [a.stopped for a in offline.answers([plain, cut])] == [True, False]
+    audit = unanswered(9, "Markets rose today", sampling={**SAMPLING, "stop": ["zzz"]})
+    (answer,) = offline.answers([audit])  # generated offline with the client's stop string
+    assert not answer.stopped

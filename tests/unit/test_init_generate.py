@@ -133,6 +133,19 @@ def test_token_distillation_with_two_tokenizers_is_refused_in_one_line(
     assert set(check_generative_pair(sequence)) == {"student", "teacher"}  # accepted
 
 
+def test_the_draft_rule_is_set_on_the_serving_scorers_scale(task, capsys):
+    path = task(scorer="min_logprob")
+    assert main(["init", str(path)]) == 0
+    spec = load_task(path)
+    report = json.loads((spec.work / "init_report.json").read_text())
+    manifest = read_manifest(Registry(spec.registry_dir).path(report["student"]))
+    assert manifest is not None and manifest.calibration is not None
+    cut = manifest.draft_min_confidence
+    confidences = manifest.calibration.confidences["min_logprob"]
+    used = sum(c >= cut for c in confidences) / len(confidences)
+    assert report["figures"]["drafts_used"] == pytest.approx(used)
+
+
 def test_a_task_without_kind_is_a_classification_task(task, tmp_path):
     spec = yaml.safe_load(task().read_text())
     del spec["kind"]
