@@ -119,7 +119,7 @@ def read_window(
 ) -> Window[EscalationRecord]:
     """New classification records after ``watermark``, a seeded replay sample of earlier
     ones, and the pooled evaluation records."""
-    return _read(log_dir, watermark, EscalationRecord, eval_share, replay, seed, max_eval, False)
+    return _read(log_dir, watermark, EscalationRecord, eval_share, replay, seed, max_eval)
 
 
 def read_generation_window(
@@ -134,10 +134,27 @@ def read_generation_window(
 ) -> Window[GenerationRecord]:
     """:func:`read_window` for generation records; ``with_top_k``: the training records
     (new and replayed) keep the teacher's top-k (evaluation records never load it)."""
-    window = _read(
-        log_dir, watermark, GenerationRecord, eval_share, replay, seed, max_eval, with_top_k
-    )
+    window = _read(log_dir, watermark, GenerationRecord, eval_share, replay, seed, max_eval)
+    if with_top_k and (window.new or window.replay):
+        full = _with_top_k(log_dir, window, {r.record_id for r in window.new + window.replay})
+        window.new = [full.get(r.record_id, r) for r in window.new]
+        window.replay = [full.get(r.record_id, r) for r in window.replay]
     return window
+
+
+def _with_top_k(
+    log_dir: Path, window: Window[GenerationRecord], wanted: set[str]
+) -> dict[str, GenerationRecord]:
+    """The ``wanted`` training records again, with their top-k: a second pass that builds
+    the top-k of those records only (the rest, evaluation records included, stay lean)."""
+    found: dict[str, GenerationRecord] = {}
+    for segment in list_segments(log_dir):
+        end = window.watermark.get(segment.name)
+        lines, _ = read_from(segment, 0, ReadStats(), end=end, top_k_for=wanted)
+        for record in lines:
+            if isinstance(record, GenerationRecord) and record.record_id in wanted:
+                found.setdefault(record.record_id, record)
+    return found
 
 
 def _read(
@@ -148,8 +165,8 @@ def _read(
     replay: int,
     seed: int,
     max_eval: int,
-    with_top_k: bool,
 ) -> Window[R]:
+    """Every record read lean (no top-k)."""
     window: Window[R] = Window(new=[], replay=[], watermark=dict(watermark), read=dict(watermark))
     seen: set[str] = set()
     earlier: list[R] = []
@@ -157,8 +174,8 @@ def _read(
         done = watermark.get(segment.name, 0)
         earlier_lines: list[LogRecord] = []
         if done:
-            earlier_lines, _ = read_from(segment, 0, ReadStats(), end=done, with_top_k=with_top_k)
-        fresh_lines, end = read_from(segment, done, window.stats, with_top_k=with_top_k)
+            earlier_lines, _ = read_from(segment, 0, ReadStats(), end=done)
+        fresh_lines, end = read_from(segment, done, window.stats)
         window.watermark[segment.name] = end
         consumed, fresh = _of_kind(earlier_lines, kind), _of_kind(fresh_lines, kind)
         window.other_kind += len(fresh_lines) - len(fresh)
@@ -166,7 +183,7 @@ def _read(
             role = role_of(record.split_text, eval_share)
             if role != "train":
                 if record.evaluable:
-                    window.evaluation[role].append(_lean(record))
+                    window.evaluation[role].append(record)
                 else:
                     window.unweighted_eval_dropped += 1
         consumed = [r for r in consumed if role_of(r.split_text, eval_share) == "train"]
@@ -192,10 +209,3 @@ def _read(
 def _of_kind(records: list[LogRecord], kind: type[R]) -> list[R]:
     """The records of ``kind`` among ``records`` (the other kind's job reads the rest)."""
     return [r for r in records if isinstance(r, kind)]
-
-
-def _lean(record: R) -> R:
-    """An evaluation record without the teacher's top-k (nothing that judges reads it)."""
-    if isinstance(record, GenerationRecord) and record.teacher_top_logprobs is not None:
-        return record.model_copy(update={"teacher_top_logprobs": None})
-    return record

@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -360,6 +360,7 @@ def read_from(
     end: int | None = None,
     *,
     with_top_k: bool = False,
+    top_k_for: Container[str] | None = None,
 ) -> tuple[list[LogRecord], int]:
     """Whole lines of a segment from byte ``offset`` (to ``end``, default the file's end):
     (records of both kinds, offset after the last complete line). A torn last line is left
@@ -367,7 +368,8 @@ def read_from(
     counted each time and never half-read.
 
     A generation record's top-k log-probabilities are left out (never validated nor held)
-    unless ``with_top_k``: evaluation reads lean, training asks for them."""
+    unless ``with_top_k``, or its record id is in ``top_k_for``: evaluation reads lean,
+    training asks for them."""
     stats = stats if stats is not None else ReadStats()
     stats.segments += 1
     records: list[LogRecord] = []
@@ -376,7 +378,7 @@ def read_from(
         data = handle.read(-1 if end is None else max(0, end - offset))
     whole = data.rfind(b"\n") + 1
     for number, raw in enumerate(data[:whole].splitlines(keepends=True), start=1):
-        record, problem = _parse(raw, with_top_k)
+        record, problem = _parse(raw, with_top_k, top_k_for)
         if record is not None:
             records.append(record)
             stats.records += 1
@@ -400,7 +402,9 @@ def iter_records(
         yield from iter_segment(path, stats, with_top_k=with_top_k)
 
 
-def _parse(raw: bytes, with_top_k: bool) -> tuple[LogRecord | None, str]:
+def _parse(
+    raw: bytes, with_top_k: bool, top_k_for: Container[str] | None = None
+) -> tuple[LogRecord | None, str]:
     """The record on a whole line, or why it cannot be read (torn last lines are caught by
     the caller)."""
     try:
@@ -417,7 +421,8 @@ def _parse(raw: bytes, with_top_k: bool) -> tuple[LogRecord | None, str]:
         if kind == "classify":
             return EscalationRecord.model_validate_json(raw), ""
         if kind == "generate":
-            return GenerationRecord.from_log(raw, fields, with_top_k=with_top_k), ""
+            keep = with_top_k or (top_k_for is not None and fields.get("record_id") in top_k_for)
+            return GenerationRecord.from_log(raw, fields, with_top_k=keep), ""
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "record"

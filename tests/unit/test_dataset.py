@@ -215,7 +215,8 @@ def test_a_generation_window_reads_its_own_kind_split_by_the_canonical_prompt(tm
     )
     assert ids(first.evaluation["calibration"]) == ["gen3"]
     assert ids(first.evaluation["gate"]) == ["gen4", "gen5"]
-    assert all(r.teacher_top_logprobs is None for r in first.evaluation["gate"])  # lean
+    gate = first.evaluation["gate"]
+    assert all(r.teacher_top_logprobs is None and r.top_k_dropped for r in gate)  # never built
     assert first.other_kind == 2  # the classification records: another job's
     assert first.consumed_texts == set()
     writer.append([generation(9, prompt=train[0], messages=None, record_id="gen9")])
