@@ -42,6 +42,7 @@ from distill.greedy import Answers, answer_ids, greedy_answers
 from distill.greedy import calibrate as calibrate_answers
 from protege import headline_task as task
 from protege.default_models import fixed_threads
+from protege.generate_configs import write_configs
 from protege.headline_task import HeadlinePrompt
 from protege.smollm2 import convert_teacher, evenly_spaced, is_model_folder, keep_layers
 from serving.contracts.manifest import (
@@ -304,7 +305,7 @@ def build_generate(
     root = cache / "generate"
     report_path = root / "report.json"
     if report_path.exists():
-        write_serve_config(cache)
+        write_configs(cache, profile)
         return dict(json.loads(report_path.read_text()))
     started = time.perf_counter()
     data, models = root / "data", root / "models"
@@ -350,64 +351,10 @@ def build_generate(
             )
     report["seconds"] = {**stages.seconds, "total": round(time.perf_counter() - started, 1)}
     report["threads"] = profile.threads
-    report["serve_config"] = str(write_serve_config(cache))
+    serve_config, distill_config = write_configs(cache, profile)
+    report["serve_config"], report["distill_config"] = str(serve_config), str(distill_config)
     report_path.write_text(json.dumps(report, indent=1))
     return report
-
-
-def generate_section(root: Path) -> dict[str, Any]:
-    """The generative cascade of the default pair, as a serve config's ``generate``
-    section: its own registry (the seed is current) and its own log folder; the threshold
-    comes from the version's calibration for the target stored with it."""
-    root = root.resolve()
-    return {
-        "name": "protege-generate",
-        "student": {"path": str(root / "models" / "student")},
-        "teacher": {"path": str(root / "models" / "teacher")},
-        "registry": str(root / "registry"),
-        "registry_cache_dir": str(root / "registry-cache"),
-        "log": {"dir": str(root / "generations")},
-    }
-
-
-def write_serve_config(cache: Path) -> Path:
-    """``<cache>/generate/serve_config.yaml``: the classification task's serve config
-    (``<cache>/serve_config.yaml``, when it was built) with the generative cascade added,
-    else a gateway hosting the generative cascade alone. Validated before it is written."""
-    import yaml
-
-    from serving.config import GatewayConfig
-
-    root = cache / "generate"
-    base = cache / "serve_config.yaml"
-    if base.exists():
-        config = yaml.safe_load(base.read_text())
-    else:
-        config = {
-            "proxy_location": "EveryNode",
-            "http_options": {"host": "127.0.0.1", "port": 8000},
-            "applications": [
-                {
-                    "name": "protege",
-                    "route_prefix": "/",
-                    "import_path": "serving.app:build_app",
-                    "args": {"access": {"required": False}},
-                    "deployments": [{"name": "Gateway", "num_replicas": 1}],
-                }
-            ],
-        }
-    app = config["applications"][0]
-    app["args"]["generate"] = generate_section(root)
-    deployments = app.setdefault("deployments", [])
-    if not any(d.get("name") == "GenerativeTeacher" for d in deployments):
-        deployments.append(
-            {"name": "GenerativeTeacher", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-        )
-    GatewayConfig.model_validate(app["args"])
-    path = root / "serve_config.yaml"
-    header = "# Written by `protege models build-generate`: serve it with `protege serve --config THIS`.\n"
-    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def assign(

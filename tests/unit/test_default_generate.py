@@ -141,6 +141,20 @@ def test_the_build_writes_a_serve_config_that_the_gateway_builder_accepts(built)
     check_generate(config.generate)  # the folders, the chat template, the threshold rule
 
 
+def test_the_build_writes_the_distillation_config_of_its_cascade(built):
+    from distill.config import load_distill_config
+    from distill.generate_config import GenerateDistillConfig
+    from distill.prompts import read_prompts
+
+    root, report = built
+    config = load_distill_config(Path(report["distill_config"]))
+    assert isinstance(config, GenerateDistillConfig)
+    assert str(config.registry) == str((root / "registry").resolve())
+    assert str(config.log_dir) == str((root / "generations").resolve())  # the served log
+    assert config.traffic is not None and read_prompts(config.traffic)  # prompts it can read
+    assert config.gold is not None and read_prompts(config.gold, reference_column="reference")
+
+
 def test_the_student_keeps_evenly_spaced_layers_of_the_teacher(built):
     root, report = built
     assert report["student_seed"]["layers_kept"] == [0, 3]
