@@ -66,6 +66,14 @@ class GenerateDistillConfig(_Strict):
         description="The task's prompts (`protege init` writes them): the calibration fallback",
     )
     gold: Path | None = Field(default=None, description="Prompts with a `reference` answer")
+    traffic_limit: PositiveInt = Field(
+        default=200,
+        description="Traffic prompts the judge answers when it calibrates on them (a seeded "
+        "sample: every student answers each, and generation is slow)",
+    )
+    gold_limit: PositiveInt = Field(
+        default=100, description="Gold prompts the judge answers (a seeded sample)"
+    )
     cache_dir: Path | None = None
     scorer: ScorerName = Field(default="mean_logprob", description="The scorer serving uses")
     agreement_cut: float = Field(default=DEFAULT_AGREEMENT_CUT, ge=0, le=1)

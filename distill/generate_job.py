@@ -14,6 +14,7 @@ cost; the report gives its count and seconds.
 
 from __future__ import annotations
 
+import random
 import shutil
 import time
 import uuid
@@ -144,7 +145,7 @@ def _run_locked(
     offline = OfflineAnswers(
         teacher_lm, teacher_version, config.scores_dir, config.top_k, config.batch_size
     )
-    gold = _prompts(config.gold, reference=True)
+    gold = _prompts(config.gold, reference=True, limit=config.gold_limit)
     held_out = {normalise(p.split_text) for p in gold}
     records = [r for r in window.new + window.replay if normalise(r.split_text) not in held_out]
     began = time.perf_counter()
@@ -291,7 +292,7 @@ def _judge_and_publish(
         offline,
         window,
         config.scores_dir,
-        traffic=_prompts(config.traffic, reference=False),
+        traffic=_prompts(config.traffic, reference=False, limit=config.traffic_limit),
         gold=gold,
         trained_on=trained_on,
         device=config.device,
@@ -351,7 +352,10 @@ def _judge_and_publish(
     }
 
 
-def _prompts(path: Path | None, *, reference: bool) -> list[TaskPrompt]:
+def _prompts(path: Path | None, *, reference: bool, limit: int) -> list[TaskPrompt]:
+    """The file's prompts, a seeded sample of ``limit`` when it holds more (the same
+    sample every run, so answers kept per version are reused)."""
     if path is None:
         return []
-    return read_prompts(path, reference_column="reference" if reference else None)
+    prompts = read_prompts(path, reference_column="reference" if reference else None)
+    return prompts if len(prompts) <= limit else random.Random(0).sample(prompts, limit)

@@ -168,3 +168,15 @@ def test_a_candidate_answering_as_the_teacher_is_promoted_and_a_copy_is_refused(
     assert copy["result"] == "rejected" and registry.current() == promoted
     assert "agreement gain +0.0% is not above 0" in copy["reason"]
     assert read_watermark(registry.store) != watermark  # its records were consumed
+
+
+def test_the_judge_answers_a_fixed_sample_of_a_large_prompt_file(tmp_path):
+    from distill.generate_job import _prompts
+
+    path = tmp_path / "traffic.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Prompt {i}"}) + "\n" for i in range(50)))
+    first = _prompts(path, reference=False, limit=7)
+    assert len(first) == 7 and len({p.prompt for p in first}) == 7
+    assert _prompts(path, reference=False, limit=7) == first  # the same sample every run
+    assert len(_prompts(path, reference=False, limit=100)) == 50
+    assert _prompts(None, reference=False, limit=7) == []
