@@ -33,7 +33,7 @@ from distill.dataset import read_generation_window, read_watermark
 from distill.generate_config import GenerateDistillConfig
 from distill.generate_judge import GenerateJudge, JudgeSettings
 from distill.generation_examples import training_examples
-from distill.job import decision_result, flat_figures, lease_lost, log_folder
+from distill.job import decision_result, flat_figures, lease_lost, log_folder, window_stop
 from distill.lock import Lease, run_lock
 from distill.offline_answers import OfflineAnswers
 from distill.prompts import TaskPrompt, read_prompts
@@ -110,23 +110,16 @@ def _run_locked(
         max_eval=config.eval.max_records,
     )
     check_scorer(window.evaluation, config.scorer)  # type: ignore[arg-type]
-    if len(window.new) < config.min_records:
-        return {
-            "result": "nothing-to-do",
-            "reason": f"{len(window.new)} new records, fewer than min_records={config.min_records}",
-            "current": current,
-            "window": window.describe(),
-        }
-    sampled = sum(r.reason == "audit" for r in window.evaluation["gate"])
-    if sampled < max(1, config.gate.min_sampled):
-        return {
-            "result": "not-enough-evidence",
-            "reason": f"{sampled} sampled kept answers in the gate split, fewer than "
-            f"min_sampled={config.gate.min_sampled} (raise generate.audit_fraction or serve "
-            "more traffic; the new records wait for the next run)",
-            "current": current,
-            "window": window.describe(),
-        }
+    stop = window_stop(
+        window,
+        current,
+        config.min_records,
+        config.gate.min_sampled,
+        "sampled kept answers",
+        "generate.audit_fraction",
+    )
+    if stop is not None:
+        return stop
     teacher_lm = load_language_model(config.teacher, device=config.device)
     student_folder = registry.path(current)
     student_tokenizer = load_tokenizer(student_folder)

@@ -107,23 +107,16 @@ def _run_locked(
         max_eval=config.eval.max_records,
     )
     check_scorer(window.evaluation, config.scorer)  # one scorer, or the run stops here
-    if len(window.new) < config.min_records:
-        return {
-            "result": "nothing-to-do",
-            "reason": f"{len(window.new)} new records, fewer than min_records={config.min_records}",
-            "current": current,
-            "window": window.describe(),
-        }
-    sampled = sum(r.reason == "audit" for r in window.evaluation["gate"])
-    if sampled < max(1, config.gate.min_sampled):  # checked before any training
-        return {  # the records stay unconsumed: they train once the evidence is there
-            "result": "not-enough-evidence",
-            "reason": f"{sampled} sampled confident records in the gate split, fewer than "
-            f"min_sampled={config.gate.min_sampled} (raise cascade.audit_fraction or serve "
-            "more traffic; the new records wait for the next run)",
-            "current": current,
-            "window": window.describe(),
-        }
+    stop = window_stop(
+        window,
+        current,
+        config.min_records,
+        config.gate.min_sampled,
+        "sampled confident records",
+        "cascade.audit_fraction",
+    )
+    if stop is not None:
+        return stop
     teacher = Classifier(config.teacher, device=config.device, max_tokens=config.train.max_tokens)
     labeller = OfflineLabels(teacher, config.scores_dir)
     texts, soft, labels = _training_set(config, window, labeller)
@@ -143,6 +136,36 @@ def _run_locked(
         }
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def window_stop(
+    window: Window[Any],
+    current: str,
+    min_records: int,
+    min_sampled: int,
+    sampled_what: str,
+    audit_field: str,
+) -> dict[str, Any] | None:
+    """The run's report when its window cannot make a run (too few new records, or too
+    few sampled records in the gate split: checked before any training), else None."""
+    if len(window.new) < min_records:
+        return {
+            "result": "nothing-to-do",
+            "reason": f"{len(window.new)} new records, fewer than min_records={min_records}",
+            "current": current,
+            "window": window.describe(),
+        }
+    sampled = sum(r.reason == "audit" for r in window.evaluation["gate"])
+    if sampled < max(1, min_sampled):
+        return {  # the records stay unconsumed: they train once the evidence is there
+            "result": "not-enough-evidence",
+            "reason": f"{sampled} {sampled_what} in the gate split, fewer than "
+            f"min_sampled={min_sampled} (raise {audit_field} or serve more traffic; the new "
+            "records wait for the next run)",
+            "current": current,
+            "window": window.describe(),
+        }
+    return None
 
 
 def lease_lost(current: str) -> dict[str, Any]:

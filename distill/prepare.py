@@ -245,12 +245,12 @@ def _plain_manifest(folder: Path, role: str, labels: list[str], max_tokens: int)
     return version
 
 
-def _write_configs(spec: TaskSpec, teacher: Path, student: Path, labels: list[str]) -> None:
-    """The task's Serve config and distillation config, every path spelled out (absolute,
-    so they work from any folder)."""
-    teacher, student = teacher.resolve(), student.resolve()
-    work = spec.work.resolve()
-    serve = {
+def local_serve_config(args: dict[str, Any], teacher_deployment: str) -> dict[str, Any]:
+    """A Serve config of one gateway on 127.0.0.1:8000 with ``args`` (a cascade's) and one
+    replica each of the Gateway and the teacher deployment, open to anyone on this machine
+    until a key is configured."""
+    one_replica = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "127.0.0.1", "port": 8000},
         "applications": [
@@ -259,22 +259,33 @@ def _write_configs(spec: TaskSpec, teacher: Path, student: Path, labels: list[st
                 "route_prefix": "/",
                 "import_path": "serving.app:build_app",
                 "args": {
-                    "student": {"path": str(student), "max_tokens": spec.max_tokens},
-                    "teacher": {"path": str(teacher), "max_tokens": spec.max_tokens},
-                    "registry": str(spec.registry_dir.resolve()),
-                    "cascade": {"scorer": spec.scorer, "audit_fraction": spec.audit_fraction},
-                    "log": {"dir": str(spec.escalations_dir.resolve())},
+                    **args,
                     # open on 127.0.0.1 while no key is configured: set access.keys_file
                     # (`protege keys new NAME --file ...`) before serving anyone else
                     "access": {"required": False},
                 },
                 "deployments": [
-                    {"name": "Gateway", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
-                    {"name": "Teacher", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+                    {"name": "Gateway", **one_replica},
+                    {"name": teacher_deployment, **one_replica},
                 ],
             }
         ],
     }
+
+
+def _write_configs(spec: TaskSpec, teacher: Path, student: Path, labels: list[str]) -> None:
+    """The task's Serve config and distillation config, every path spelled out (absolute,
+    so they work from any folder)."""
+    teacher, student = teacher.resolve(), student.resolve()
+    work = spec.work.resolve()
+    cascade = {
+        "student": {"path": str(student), "max_tokens": spec.max_tokens},
+        "teacher": {"path": str(teacher), "max_tokens": spec.max_tokens},
+        "registry": str(spec.registry_dir.resolve()),
+        "cascade": {"scorer": spec.scorer, "audit_fraction": spec.audit_fraction},
+        "log": {"dir": str(spec.escalations_dir.resolve())},
+    }
+    serve = local_serve_config(cascade, "Teacher")
     distill: dict[str, Any] = {
         "registry": str(spec.registry_dir.resolve()),
         "log_dir": str(spec.escalations_dir.resolve()),

@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from distill.greedy import Answers, calibrate, greedy_answers
-from distill.prepare import materialise
+from distill.prepare import local_serve_config, materialise
 from distill.prompts import TaskPrompt, read_prompts
 from distill.tables import write_jsonl
 from distill.task import GenerateTaskSpec, TaskError
@@ -252,28 +252,7 @@ def _write_serve_config(spec: GenerateTaskSpec, teacher: Path, student: Path) ->
         "registry_cache_dir": str((spec.work / "registry-cache").resolve()),
         "log": {"dir": str(spec.escalations_dir.resolve())},
     }
-    one_replica = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    serve = {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": "127.0.0.1", "port": 8000},
-        "applications": [
-            {
-                "name": "protege",
-                "route_prefix": "/",
-                "import_path": "serving.app:build_app",
-                "args": {
-                    "generate": generate,
-                    # open on 127.0.0.1 while no key is configured: set access.keys_file
-                    # (`protege keys new NAME --file ...`) before serving anyone else
-                    "access": {"required": False},
-                },
-                "deployments": [
-                    {"name": "Gateway", **one_replica},
-                    {"name": "GenerativeTeacher", **one_replica},
-                ],
-            }
-        ],
-    }
+    serve = local_serve_config({"generate": generate}, "GenerativeTeacher")
     path = spec.work / "serve_config.yaml"
     header = f"# Written by `protege init` for the generative task {spec.name!r}.\n"
     path.write_text(header + yaml.safe_dump(serve, sort_keys=False))

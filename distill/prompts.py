@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.tables import SUFFIXES, TableError, read_table
+from distill.tables import TableError, read_file
 from serving.contracts.generation_records import canonical_prompt
 from serving.generate.models import LanguageModel, render_chat, render_completion
 
@@ -63,19 +63,7 @@ def read_prompts(
 ) -> list[TaskPrompt]:
     """Every row of ``path``, in file order; ``reference_column`` given: each row needs it."""
     path = Path(path)
-    if not path.is_file():
-        raise TableError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise TableError(f"{path}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}")
-    try:
-        rows = read_table(path, suffix)
-    except UnicodeDecodeError:
-        raise TableError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
-    if not rows:
-        raise TableError(
-            f"{path}: no rows; it must hold a {prompt_column!r} or {messages_column!r}"
-        )
+    rows = read_file(path, f"a {prompt_column!r} or {messages_column!r}")
     prompts = []
     for number, row in enumerate(rows, start=1):
         where = f"{path}: row {number}"

@@ -20,17 +20,7 @@ class TableError(ValueError):
 def read_rows(path: Path, columns: list[str]) -> list[dict[str, str]]:
     """Rows of ``path`` holding at least ``columns`` (non-empty strings), in file order."""
     path = Path(path)
-    if not path.is_file():
-        raise TableError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise TableError(f"{path}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}")
-    try:
-        rows = read_table(path, suffix)
-    except UnicodeDecodeError:
-        raise TableError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
-    if not rows:
-        raise TableError(f"{path}: no rows; it must hold at least one {columns[0]!r}")
+    rows = read_file(path, f"at least one {columns[0]!r}")
     for column in columns:
         if column not in rows[0]:
             found = ", ".join(map(str, rows[0])) or "none"
@@ -41,6 +31,23 @@ def read_rows(path: Path, columns: list[str]) -> list[dict[str, str]]:
             if not isinstance(value, str) or not value.strip():
                 raise TableError(f"{path}: row {number} has no text in column {column!r}")
     return [{c: str(row[c]) for c in columns} for row in rows]
+
+
+def read_file(path: Path, needs: str) -> list[dict[str, object]]:
+    """The rows of a JSON-lines, CSV or Parquet file that must hold ``needs`` (named in the
+    error when it holds no row); every problem a :class:`TableError` naming the file."""
+    if not path.is_file():
+        raise TableError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise TableError(f"{path}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}")
+    try:
+        rows = read_table(path, suffix)
+    except UnicodeDecodeError:
+        raise TableError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
+    if not rows:
+        raise TableError(f"{path}: no rows; it must hold {needs}")
+    return rows
 
 
 def read_table(path: Path, suffix: str) -> list[dict[str, object]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 
 def print_generate_init_report(report: dict) -> None:
-    from distill.prepare import format_table
-
     figures = report["figures"]
     print(f"generative task {report['task']} (distillation: {report['distillation']})")
     print(f"  teacher {report['teacher']}")
@@ -21,22 +19,10 @@ def print_generate_init_report(report: dict) -> None:
             f"  ROUGE-L against gold on {figures['gold_prompts']} prompts: teacher "
             f"{figures['teacher_gold_rouge_l']:.3f}, student {figures['student_gold_rouge_l']:.3f}"
         )
-    print(
-        "\nescalation rate each target agreement with the teacher costs, per scorer "
-        "(on the traffic sample):"
-    )
-    print(format_table(report["escalation_by_target"]))
-    print(
-        f"\nthe seed serves at threshold {figures['threshold']:.3f} (its default target), "
-        f"escalating {figures['escalation_rate']:.1%} of the sample"
-    )
-    print(f"serve it:   protege serve --config {report['serve_config']}")
-    print(f"distil it:  protege distill run --config {report['distill_config']}")
+    _print_costs_and_next_steps(report)
 
 
 def print_init_report(report: dict) -> None:
-    from distill.prepare import format_table
-
     figures = report["figures"]
     print(f"task {report['task']}: labels {', '.join(report['labels'])}")
     print(f"  teacher {report['teacher']}")
@@ -48,6 +34,15 @@ def print_init_report(report: dict) -> None:
             f"  gold accuracy on {figures['gold_texts']} texts: teacher "
             f"{figures['teacher_gold_accuracy']:.1%}, student {figures['student_gold_accuracy']:.1%}"
         )
+    _print_costs_and_next_steps(report)
+
+
+def _print_costs_and_next_steps(report: dict) -> None:
+    """What both kinds print last: the escalation each target costs, the seed's serving
+    threshold, and the commands that serve and distil the task."""
+    from distill.prepare import format_table
+
+    figures = report["figures"]
     print(
         "\nescalation rate each target agreement with the teacher costs, per scorer "
         "(on the traffic sample):"
