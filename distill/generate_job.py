@@ -138,7 +138,7 @@ def _run_locked(
     offline = OfflineAnswers(
         teacher_lm, teacher_version, config.scores_dir, config.top_k, config.batch_size
     )
-    gold = _prompts(config.gold, reference=True, limit=config.gold_limit)
+    gold = sample_prompts(config.gold, reference=True, limit=config.gold_limit)
     held_out = {normalise(p.split_text) for p in gold}
     records = [r for r in window.new + window.replay if normalise(r.split_text) not in held_out]
     began = time.perf_counter()
@@ -285,7 +285,7 @@ def _judge_and_publish(
         offline,
         window,
         config.scores_dir,
-        traffic=_prompts(config.traffic, reference=False, limit=config.traffic_limit),
+        traffic=sample_prompts(config.traffic, reference=False, limit=config.traffic_limit),
         gold=gold,
         trained_on=trained_on,
         device=config.device,
@@ -345,7 +345,7 @@ def _judge_and_publish(
     }
 
 
-def _prompts(path: Path | None, *, reference: bool, limit: int) -> list[TaskPrompt]:
+def sample_prompts(path: Path | None, *, reference: bool, limit: int) -> list[TaskPrompt]:
     """The file's prompts, a seeded sample of ``limit`` when it holds more (the same
     sample every run, so answers kept per version are reused)."""
     if path is None:

@@ -13,7 +13,9 @@ Rows, in order:
   false`` (``/no-draft``) and the teacher served alone (``/teacher-alone``: the same
   gateway with the teacher in the student's place, threshold 0, no audit, no registry),
   asked through the official ``openai`` client, streaming, by concurrent clients, after
-  a warm-up on prompts outside the bench.
+  a warm-up on prompts outside the bench;
+- when the registry's current student is a learned one (not the configured seed), the
+  seed's cascade as a reference row: the seed pinned in place (``user_config``), served.
 
 Writes ``bench.json`` and ``bench.md`` into ``--out`` and prints the tables; the CLI
 writes them into docs/generation.md (blocks ``bench-generate`` and ``draft-reuse``).
@@ -22,6 +24,7 @@ writes them into docs/generation.md (blocks ``bench-generate`` and ``draft-reuse
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import json
 import os
@@ -44,6 +47,7 @@ from protege.bench_generate_inprocess import (
 from protege.bench_generate_report import (
     CASCADE,
     CASCADE_NO_DRAFT,
+    CASCADE_SEED,
     SERVED,
     STUDENT_ALONE,
     TEACHER_ALONE,
@@ -155,6 +159,47 @@ def local_teacher(config: GenerateCascadeConfig) -> Path:
     return config.teacher.path
 
 
+def seed_reference(config: GenerateCascadeConfig, current: str) -> tuple[str, bool]:
+    """The seed (the configured student folder's version) and whether the registry's
+    current student is another, learned one: then the seed's cascade is measured served
+    beside it as a reference (the seed must be in the registry to be pinned)."""
+    seed = model_version(config.student.path)
+    if current == seed or config.registry is None:
+        print(f"!! measuring the seed student {seed}: no learned version is current")
+        return seed, False
+    registry = Registry(config.registry, config.registry_cache_dir)
+    if seed not in {m.version for m in registry.versions()}:
+        print(f"!! the seed {seed} is not in {registry.uri}: no reference row")
+        return seed, False
+    print(f"measuring the learned student {current} (seed {seed} as reference)")
+    return seed, True
+
+
+def pin_seed(config: dict[str, Any], seed: str) -> dict[str, Any]:
+    """The served config with the cascade application's Gateway pinned to ``seed``."""
+    pinned = copy.deepcopy(config)
+    for app in pinned["applications"]:
+        if app["name"] == "cascade":
+            gateway = next(d for d in app["deployments"] if d["name"] == "Gateway")
+            gateway["user_config"] = {"generate": {"student_version": seed}}
+    return pinned
+
+
+def wait_for_student(client: ChatClient, version: str, timeout_s: float = 300) -> None:
+    """Until the gateway's cascade serves ``version`` (a swap or a pin has landed)."""
+    from openai import OpenAI
+
+    models = OpenAI(base_url=f"{client.base}/v1", api_key=client.key, max_retries=0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        entry = next(m for m in models.models.list() if m.id == client.model)
+        if (getattr(entry, "protege", None) or {}).get("student", {}).get("version") == version:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gateway did not serve {version} within {timeout_s} s")
+        time.sleep(0.5)
+
+
 def model_version(folder: Path) -> str:
     manifest = read_manifest(folder)
     return manifest.version if manifest else weights_digest(folder)
@@ -194,12 +239,15 @@ def run_generate_bench(
     device = shared.get("device", "auto")
     active = load_student(current_student(config), config, device)
     student = active.model
+    seed, learned = seed_reference(config, student.version)
     teacher = load_language_model(teacher_folder, device=device)
     setting = {
         "requests": requests,
         "concurrency": concurrency,
         "max_new_tokens": student.max_new_tokens,
         "student": student.version,
+        "seed": seed,
+        "learned": learned,
         "teacher": model_version(teacher_folder),
         "threshold": active.rule.value,
         "threshold_rule": active.rule.description,
@@ -247,8 +295,13 @@ def run_generate_bench(
             (CASCADE_NO_DRAFT, url + NO_DRAFT, None),
         ]
         for name, base, extra in plan:
-            asking = _Client(base, key, model, max_new, extra)
+            asking = ChatClient(base, key, model, max_new, extra)
             measured += _progress([asking.row(name, messages, warm_messages, concurrency)])
+        if learned:  # pin the seed in place (a user_config update), then measure it
+            local_ray.deploy_config(pin_seed(serve, seed), Path.cwd())
+            asking = ChatClient(url, key, model, max_new, None)
+            wait_for_student(asking, seed)
+            measured += _progress([asking.row(CASCADE_SEED, messages, warm_messages, concurrency)])
     print(f"Serve: up, measured and shut down in {time.perf_counter() - stack_began:.0f} s")
 
     reference = next((m for m in measured if (m.name, m.stack) == (TEACHER_ALONE, SERVED)), None)
@@ -297,7 +350,7 @@ def _description(s: dict[str, Any]) -> str:
     )
 
 
-class _Client:
+class ChatClient:
     """One served row's client: the official ``openai`` client, streaming chats."""
 
     def __init__(
@@ -368,4 +421,5 @@ class _Client:
             accepted_share=meta.get("accepted_draft_share"),
             teacher_seconds=meta.get("teacher_seconds"),
             teacher_seconds_saved=meta.get("teacher_seconds_saved"),
+            student_version=meta.get("student_version"),
         )

@@ -52,6 +52,7 @@ class Answer:
     accepted_share: float | None = None  # when the teacher verified a draft
     teacher_seconds: float | None = None
     teacher_seconds_saved: float | None = None
+    student_version: str | None = None  # the student version that answered or drafted
 
 
 @dataclass

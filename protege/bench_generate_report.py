@@ -24,6 +24,7 @@ from serving.generate.draft_rule import break_even_share
 SERVED = "Ray Serve"
 STUDENT_ALONE, TEACHER_ALONE = "student alone", "teacher alone"
 CASCADE, CASCADE_NO_DRAFT = "cascade, draft reuse", "cascade, no draft reuse"
+CASCADE_SEED = "cascade, seed student (reference)"  # only when the registry's student learned
 LIMITS = {
     STUDENT_ALONE: "student, batch 8",
     TEACHER_ALONE: "teacher, batch 8",
@@ -118,12 +119,15 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "draft_reuse_gain_in_process": _ratio(
             get(CASCADE, IN_PROCESS), get(CASCADE_NO_DRAFT, IN_PROCESS)
         ),
+        "escalated": {
+            name: r["escalated"] for name in (CASCADE, CASCADE_SEED) if (r := get(name)) is not None
+        },
         "share_of_limit": {
             r["scenario"]: r["share_of_limit"] for r in rows if "share_of_limit" in r
         },
         "gold_rouge_l": {
             name: r["gold_rouge_l"]
-            for name in (TEACHER_ALONE, CASCADE, CASCADE_NO_DRAFT, STUDENT_ALONE)
+            for name in (TEACHER_ALONE, CASCADE, CASCADE_SEED, CASCADE_NO_DRAFT, STUDENT_ALONE)
             if (r := get(name)) is not None
         },
     }

@@ -5,7 +5,7 @@ protege models build-generate [--cache var/cache] [--profile full|lite]
 protege init TASK.yaml [--force]
 protege serve [--config deploy/serve_config.yaml] [--port 8000]
 protege keys new NAME [--overrides] [--file api-keys.yaml]
-protege demo
+protege demo [--task classify|generate]
 protege bench [--task classify|generate]
 protege soak
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -131,20 +132,53 @@ def _access_line(config: dict) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.task == "generate":
+        return _demo_generate(args)
     from protege.demo import run_demo
 
     run_demo(
         args.cache,
         args.config,
         args.rounds,
-        args.chunk,
+        args.chunk or 1000,
         args.concurrency,
         args.port,
-        args.out,
+        args.out or Path("var/demo"),
         args.seed,
         args.metrics_port,
     )
     return 0
+
+
+def _demo_generate(args: argparse.Namespace) -> int:
+    from protege.demo_generate import DemoSettings, run_generate_demo
+
+    demo = DemoSettings(rounds=args.rounds, concurrency=args.concurrency)
+    if args.chunk:
+        demo = dataclasses.replace(demo, per_round=args.chunk)
+    try:  # checked before the run, which takes most of an hour
+        page = _docs_target(args.docs, GENERATE_DOCS, "demo-generate")
+    except ValueError as exc:
+        return _docs_error(exc)
+    out = args.out or Path("var/demo-generate")
+    results = run_generate_demo(args.cache, out, demo, args.seed, args.port, args.metrics_port)
+    if page is not None:
+        write_demo_docs(results, out / "learning_curve.png", page)
+    return 0
+
+
+def write_demo_docs(results: dict, curve: Path, page: Path) -> None:
+    """The generative demo's results into ``page`` (block ``demo-generate``) and its
+    learning curve beside it."""
+    import shutil
+
+    from protege.demo_generate_report import markdown
+    from protege.docs_block import replace_block
+
+    picture = page.parent / "demo-generate-curve.png"
+    shutil.copyfile(curve, picture)
+    replace_block(page, "demo-generate", markdown(results, picture.name))
+    print(f"written: the results into {page} (block demo-generate) and {picture}")
 
 
 def _demo_spread(args: argparse.Namespace) -> int:
@@ -392,12 +426,26 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     demo.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
     demo.add_argument("--rounds", type=int, default=3)
-    demo.add_argument("--chunk", type=int, default=1000, help="stream inputs served per round")
+    demo.add_argument(
+        "--task",
+        choices=("classify", "generate"),
+        default="classify",
+        help="classify: the BBC topic task; generate: the generative pair (make demo-generate)",
+    )
+    demo.add_argument(
+        "--chunk", type=int, help="stream inputs served per round (1000; 200 for generate)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="stream order and training seed")
     demo.add_argument("--metrics-port", type=int, default=8080)
     demo.add_argument("--concurrency", type=int, default=8)
     demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--out", type=Path, default=Path("var/demo"))
+    demo.add_argument(
+        "--out", type=Path, help="where results go (var/demo; var/demo-generate for generate)"
+    )
+    demo.add_argument(
+        "--docs",
+        help=DOCS_HELP.format(block="demo-generate", page=GENERATE_DOCS) + " (--task generate)",
+    )
     demo.set_defaults(func=_demo)
 
     spread = sub.add_parser(

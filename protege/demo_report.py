@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 
-def _ci(figure: dict[str, Any] | None) -> str:
+def ci(figure: dict[str, Any] | None) -> str:
     if not figure:
         return "-"
     return f"{figure['value']:.1%} [{figure['low']:.1%}, {figure['high']:.1%}]"
@@ -39,7 +39,7 @@ def gate_figure(decision: dict[str, Any]) -> str:
     return text
 
 
-def _drop(decision: dict[str, Any]) -> str:
+def drop_text(decision: dict[str, Any]) -> str:
     drop = decision.get("escalation_drop")
     return f"{drop['value']:+.1%} [{drop['low']:+.1%}]" if drop else "-"
 
@@ -58,8 +58,8 @@ def print_round(row: dict[str, Any]) -> None:
         figures = decision.get(side)
         if figures:
             print(
-                f"  live {side:9} {figures['version']}: escalation {_ci(figures['escalation_rate'])}, "
-                f"cascade agreement {_ci(figures['cascade_agreement'])}"
+                f"  live {side:9} {figures['version']}: escalation {ci(figures['escalation_rate'])}, "
+                f"cascade agreement {ci(figures['cascade_agreement'])}"
             )
     if gate_figure(decision) != "-":
         print(f"  gate: {gate_figure(decision)}")
@@ -99,9 +99,9 @@ def print_summary(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         sampled = live.get("escalation_rate", {}).get("sampled", "-")
         print(
             f"{row['round']:>5} | {row['served_escalation_rate']:>11.1%} | "
-            f"{_ci(live.get('escalation_rate')):>24} | {sampled!s:>7} | "
-            f"{_ci(live.get('cascade_agreement')):>24} | {hold['escalation_rate']:>12.1%} | "
-            f"{hold['cascade_gold_accuracy']:>8.1%} | {_drop(row.get('decision') or {}):>22} | "
+            f"{ci(live.get('escalation_rate')):>24} | {sampled!s:>7} | "
+            f"{ci(live.get('cascade_agreement')):>24} | {hold['escalation_rate']:>12.1%} | "
+            f"{hold['cascade_gold_accuracy']:>8.1%} | {drop_text(row.get('decision') or {}):>22} | "
             f"{row['result']}"
         )
     final = summary["final"]
@@ -168,7 +168,7 @@ def spread(folders: list[Path]) -> str:
         finals.append(final["escalation_rate"])
         lines.append(
             f"| {summary['demo_seed']} | {', '.join(r['result'] for r in rows)} | "
-            f"{', '.join(_drop(r.get('decision') or {}) for r in rows)} | {_ci(esc)} | "
+            f"{', '.join(drop_text(r.get('decision') or {}) for r in rows)} | {ci(esc)} | "
             f"{esc['sampled'] if esc else '-'} | {seed['escalation_rate']:.1%} -> "
             f"{final['escalation_rate']:.1%} | {seed['cascade_gold_accuracy']:.1%} -> "
             f"{final['cascade_gold_accuracy']:.1%} | {seed['escalation_needed']:.1%} -> "

@@ -31,6 +31,31 @@ def generate_section(root: Path) -> dict[str, Any]:
     }
 
 
+def generative_gateway(section: dict[str, Any], **args: Any) -> dict[str, Any]:
+    """A Serve config of one gateway hosting the generative cascade ``section`` alone
+    (``args``: more of the gateway's settings), validated."""
+    from serving.config import GatewayConfig
+
+    gateway_args = {"access": {"required": False}, **args, "generate": section}
+    GatewayConfig.model_validate(gateway_args)
+    replica = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [
+            {
+                "name": "protege",
+                "route_prefix": "/",
+                "import_path": "serving.app:build_app",
+                "args": gateway_args,
+                "deployments": [
+                    {"name": name, **replica} for name in ("Gateway", "GenerativeTeacher")
+                ],
+            }
+        ],
+    }
+
+
 def write_serve_config(cache: Path) -> Path:
     """``<cache>/generate/serve_config.yaml``: the classification task's serve config
     (``<cache>/serve_config.yaml``, when it was built) with the generative cascade added,
@@ -43,28 +68,20 @@ def write_serve_config(cache: Path) -> Path:
     base = cache / "serve_config.yaml"
     if base.exists():
         config = yaml.safe_load(base.read_text())
-    else:
-        config = {
-            "proxy_location": "EveryNode",
-            "http_options": {"host": "127.0.0.1", "port": 8000},
-            "applications": [
+        app = config["applications"][0]
+        app["args"]["generate"] = generate_section(root)
+        deployments = app.setdefault("deployments", [])
+        if not any(d.get("name") == "GenerativeTeacher" for d in deployments):
+            deployments.append(
                 {
-                    "name": "protege",
-                    "route_prefix": "/",
-                    "import_path": "serving.app:build_app",
-                    "args": {"access": {"required": False}},
-                    "deployments": [{"name": "Gateway", "num_replicas": 1}],
+                    "name": "GenerativeTeacher",
+                    "num_replicas": 1,
+                    "ray_actor_options": {"num_cpus": 0.5},
                 }
-            ],
-        }
-    app = config["applications"][0]
-    app["args"]["generate"] = generate_section(root)
-    deployments = app.setdefault("deployments", [])
-    if not any(d.get("name") == "GenerativeTeacher" for d in deployments):
-        deployments.append(
-            {"name": "GenerativeTeacher", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-        )
-    GatewayConfig.model_validate(app["args"])
+            )
+        GatewayConfig.model_validate(app["args"])
+    else:
+        config = generative_gateway(generate_section(root))
     path = root / "serve_config.yaml"
     header = "# Written by `protege models build-generate`: serve it with `protege serve --config THIS`.\n"
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))

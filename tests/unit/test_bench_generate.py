@@ -430,3 +430,40 @@ def test_bench_task_generate_writes_both_blocks_after_checking_the_page(
     assert markdown(report).strip() in text and draft_markdown(draft).strip() in text
     assert "old bench" not in text and "old draft table" not in text
     assert cli.main(["bench", "--task", "generate", "--ingress", "both", "--docs", ""]) == 2
+
+
+def test_a_learned_student_is_measured_with_the_seed_pinned_as_its_reference(tmp_path, folders):
+    import shutil
+
+    from protege.bench_generate import pin_seed, seed_reference
+    from serving.contracts.manifest import ModelManifest, read_manifest, write_manifest
+    from serving.contracts.registry import Registry
+
+    seed_folder = shutil.copytree(folders[0], tmp_path / "seed")
+    write_manifest(seed_folder, ModelManifest(version="seed-1", role="student", created_at=0.0))
+    registry = Registry(tmp_path / "registry")
+    config = cascade_config(
+        tmp_path, student={"path": str(seed_folder)}, registry=str(registry.root)
+    )
+    assert seed_reference(config, "seed-1") == ("seed-1", False)  # the seed is current
+    assert seed_reference(config, "learned-2") == ("seed-1", False)  # it cannot be pinned
+    registry.promote(registry.import_folder(seed_folder))
+    assert read_manifest(registry.path("seed-1")) is not None
+    assert seed_reference(config, "learned-2") == ("seed-1", True)
+    served = served_config(
+        {
+            "student": {"path": str(seed_folder)},
+            "teacher": {"path": str(folders[1])},
+            "registry": str(registry.root),
+        },
+        {},
+        tmp_path / "out",
+        tmp_path / "keys.yaml",
+    )
+    pinned = pin_seed(served, "seed-1")
+    by_name = {a["name"]: a for a in pinned["applications"]}
+    gateway = next(d for d in by_name["cascade"]["deployments"] if d["name"] == "Gateway")
+    assert gateway["user_config"] == {"generate": {"student_version": "seed-1"}}
+    others = [d for n, a in by_name.items() if n != "cascade" for d in a["deployments"]]
+    assert all("user_config" not in d for d in others)  # only the cascade is pinned
+    assert "user_config" not in str(served)  # the served config itself is left as it was

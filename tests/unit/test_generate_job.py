@@ -171,12 +171,12 @@ def test_a_candidate_answering_as_the_teacher_is_promoted_and_a_copy_is_refused(
 
 
 def test_the_judge_answers_a_fixed_sample_of_a_large_prompt_file(tmp_path):
-    from distill.generate_job import _prompts
+    from distill.generate_job import sample_prompts
 
     path = tmp_path / "traffic.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Prompt {i}"}) + "\n" for i in range(50)))
-    first = _prompts(path, reference=False, limit=7)
+    first = sample_prompts(path, reference=False, limit=7)
     assert len(first) == 7 and len({p.prompt for p in first}) == 7
-    assert _prompts(path, reference=False, limit=7) == first  # the same sample every run
-    assert len(_prompts(path, reference=False, limit=100)) == 50
-    assert _prompts(None, reference=False, limit=7) == []
+    assert sample_prompts(path, reference=False, limit=7) == first  # the same sample every run
+    assert len(sample_prompts(path, reference=False, limit=100)) == 50
+    assert sample_prompts(None, reference=False, limit=7) == []

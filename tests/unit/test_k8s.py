@@ -20,6 +20,7 @@ from protege.k8s_gen import (
     CLUSTER_SERVE,
     GENERATIVE_TEACHER,
     STORAGE,
+    TEACHER_KEY_ENV,
     GenerateError,
     cluster_generate,
     generate,
@@ -91,10 +92,11 @@ def test_the_generated_files_are_up_to_date():
 
 def test_both_kustomizations_render_what_they_promise(rendered):
     kinds = {folder: sorted(d["kind"] for d in docs) for folder, docs in rendered.items()}
-    assert "RayService" in kinds["k8s"] and "RayCronJob" in kinds["k8s"]
+    assert "RayService" in kinds["k8s"] and kinds["k8s"].count("RayCronJob") == 2  # both kinds
     assert "CronJob" not in kinds["k8s"]
     fallback = kinds["k8s/overlays/no-raycronjob"]
-    assert "RayCronJob" not in fallback and {"CronJob", "Role", "RoleBinding"} <= set(fallback)
+    assert "RayCronJob" not in fallback and {"Role", "RoleBinding"} <= set(fallback)
+    assert fallback.count("CronJob") == 2
 
 
 def test_core_kinds_are_valid_kubernetes(rendered):
@@ -106,9 +108,11 @@ def test_core_kinds_are_valid_kubernetes(rendered):
 
 def test_ray_kinds_match_the_kuberay_crds(rendered):
     docs = [d for docs in rendered.values() for d in docs if d["kind"] in RAY_KINDS]
-    jobs = [d for d in docs if d["kind"] == "RayCronJob"]
-    job_spec = jobs[0]["spec"]["jobTemplate"]
-    docs.append({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {}, "spec": job_spec})
+    for cron in [d for d in docs if d["kind"] == "RayCronJob"]:
+        job_spec = cron["spec"]["jobTemplate"]
+        docs.append({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {}, "spec": job_spec})
+    for name in ("rayjob.yaml", "rayjob-generate.yaml"):  # what the fallback's CronJobs submit
+        docs.append(yaml.safe_load((ROOT / "k8s/base/generated" / name).read_text()))
     for doc in docs:
         crd_validator(doc["kind"]).validate(doc)
 
@@ -234,9 +238,15 @@ def test_the_fallback_submits_its_rayjob_with_the_rayservices_image(rendered):
     service = next(d for d in docs if d["kind"] == "RayService")
     image = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     image = image["containers"][0]["image"]
-    cron = next(d for d in docs if d["kind"] == "CronJob")
-    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert {"name": "PROTEGE_IMAGE", "value": image} in container["env"]
+    crons = [d for d in docs if d["kind"] == "CronJob"]
+    submitted = set()
+    for cron in crons:
+        container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "PROTEGE_IMAGE", "value": image} in container["env"]
+        submitted |= set(re.findall(r"/manifests/(\S+\.yaml)", " ".join(container["command"])))
+    assert submitted == {"rayjob.yaml", "rayjob-generate.yaml"}
+    rayjobs = next(d for d in docs if d["metadata"]["name"] == "protege-rayjob")
+    assert set(rayjobs["data"]) == submitted
 
 
 def test_the_image_installs_what_make_install_installs():
@@ -260,10 +270,34 @@ def test_a_remote_generative_teacher_is_kept_and_gets_no_deployment(tmp_path):
     (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(source))
     config = serve_config(tmp_path / "serve_config.yaml")
     (app,) = config["applications"]
-    assert app["args"]["generate"]["teacher"] == remote
+    # its key comes from the protege-secrets Secret, under the name the Secret ships
+    assert app["args"]["generate"]["teacher"] == {**remote, "api_key_env": TEACHER_KEY_ENV}
+    secret = yaml.safe_load((ROOT / "k8s/base/secret.yaml").read_text())
+    assert TEACHER_KEY_ENV in secret["stringData"]
     assert app["args"]["generate"]["registry"] == cluster_generate(STORAGE)["registry"]
     assert GENERATIVE_TEACHER["name"] not in {d["name"] for d in app["deployments"]}
     local = serve_config(ROOT / "deploy/serve_config.yaml")  # a local teacher: its deployment
     assert GENERATIVE_TEACHER["name"] in {
         d["name"] for d in local["applications"][0]["deployments"]
     }
+
+
+def test_the_generative_job_learns_from_what_the_rayservice_logs(rendered):
+    from distill.generate_config import GenerateDistillConfig
+
+    docs = rendered["k8s"]
+    service = next(d for d in docs if d["kind"] == "RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    served = GatewayConfig.model_validate(app["args"]).generate
+    configs = next(d for d in docs if d["metadata"]["name"] == "protege-distill")["data"]
+    job = GenerateDistillConfig.model_validate(yaml.safe_load(configs["distill-generate.yaml"]))
+    assert served is not None and job.registry == str(served.registry)
+    assert job.log_dir == served.log.ship_to  # what the replicas ship is what it reads
+    assert str(job.teacher) == str(served.teacher.path)  # type: ignore[union-attr]
+    cron = next(d for d in docs if d["metadata"]["name"] == "protege-distill-generate")
+    entrypoint = cron["spec"]["jobTemplate"]["entrypoint"]
+    assert entrypoint.endswith("--config /etc/protege/distill-generate.yaml")
+    classify = next(
+        d for d in docs if d["metadata"]["name"] == "protege-distill" and d["kind"] == "RayCronJob"
+    )
+    assert classify["spec"]["schedule"] != cron["spec"]["schedule"]

@@ -1,0 +1,174 @@
+"""The generative demo's parts on tiny random Llamas: the gold holdout measures a version
+as it would serve (its calibrated threshold) and by the escalation it needs; the demo's
+configs are the default pair's with the demo's settings; its report prints and draws."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from tiny_lm import build_tiny_lm
+
+from distill.prompts import TaskPrompt
+from protege.demo_generate import DemoSettings, distill_config, serve_config
+from protege.demo_generate_holdout import GenerateHoldout, HoldoutSettings
+from protege.demo_generate_report import markdown, plot, print_round, print_summary
+from serving.config import GatewayConfig
+from serving.contracts.manifest import ModelManifest, make_calibration, write_manifest
+from serving.generate.agreement import rouge_l_many
+from serving.generate.models import load_language_model
+from serving.generate.scorers import SCORERS
+
+MAX_NEW = 6
+PROMPTS = [
+    TaskPrompt(messages=(("user", f"Write a headline about story {i}."),), reference=f"story {i}")
+    for i in range(12)
+]
+SETTINGS = HoldoutSettings("mean_logprob", 0.5, 0.8, MAX_NEW, batch_size=4)
+
+
+def calibrated(folder, version, confidence, agrees):
+    calibration = make_calibration({name: confidence for name in SCORERS}, agrees, "test")
+    write_manifest(
+        folder,
+        ModelManifest(
+            version=version,
+            role="student",
+            created_at=0.0,
+            kind="generate",
+            calibration=calibration,
+        ),
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    teacher = build_tiny_lm(root / "models" / "teacher", seed=1)
+    student = build_tiny_lm(root / "models" / "student", seed=2)
+    holdout = GenerateHoldout(
+        PROMPTS, load_language_model(teacher, "cpu"), "teacher-1", root / "cache", SETTINGS, "cpu"
+    )
+    return root, teacher, student, holdout
+
+
+def test_a_student_that_is_the_teacher_needs_no_escalation(pair, tmp_path):
+    _root, teacher, _, holdout = pair
+
+    twin = calibrated(shutil.copytree(teacher, tmp_path / "twin"), "twin", [-1.0] * 4, [True] * 4)
+    figures = holdout.figures(twin)
+    assert figures["version"] == "twin"
+    assert figures["student_agreement"] == 1.0 and figures["escalation_needed"] == 0.0
+    assert figures["student_rouge_l_gold"] == pytest.approx(holdout.teacher_rouge_l_gold)
+    assert figures["cascade_rouge_l_gold"] == pytest.approx(holdout.teacher_rouge_l_gold)
+
+
+def test_a_version_is_measured_at_its_own_calibrated_threshold(pair):
+    root, _teacher, student, holdout = pair
+    # a calibration whose half least confident disagree: the threshold sits between them
+    calibrated(student, "student-a", [-3.0, -2.0, -1.0, -0.5], [False, False, True, True])
+    figures = holdout.figures(student)
+    lm = load_language_model(student, "cpu")
+    from distill.generate_judge import prompt_key
+    from distill.greedy_cache import GreedyCache
+
+    answers = GreedyCache(lm, "student-a", root / "cache", MAX_NEW).answers(
+        [prompt_key(p) for p in PROMPTS], [p.render(lm) for p in PROMPTS]
+    )
+    confidence = np.array(SCORERS["mean_logprob"]([a.logprobs for a in answers]))
+    assert figures["threshold"] == pytest.approx(-1.0)
+    assert figures["escalation_rate"] == pytest.approx(float(np.mean(confidence < -1.0)))
+    agrees = rouge_l_many([a.text for a in answers], holdout.teacher_texts) >= 0.5
+    assert figures["student_agreement"] == pytest.approx(float(agrees.mean()))
+    kept_agree = np.where(confidence < -1.0, True, agrees)
+    assert figures["cascade_agreement"] == pytest.approx(float(kept_agree.mean()))
+    low, high = figures["escalation_needed_95"]
+    assert 0.0 <= low <= high <= 1.0
+
+
+def test_the_demo_configs_carry_its_settings(pair, tmp_path):
+    root, teacher, _student, _ = pair
+    path = tmp_path / "distill.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "generate",
+                "registry": str(root / "registry"),
+                "log_dir": str(root / "generations"),
+                "teacher": str(teacher),
+            }
+        )
+    )
+    demo = DemoSettings(min_sampled=7, lr=1e-3)
+    config = distill_config(path, tmp_path / "out", demo, seed=2)
+    assert config.registry == str(tmp_path / "out" / "registry")
+    assert config.log_dir == str(tmp_path / "out" / "generations")
+    assert (config.gate.min_sampled, config.gate.min_requests) == (7, 7)
+    assert config.gate.target_agreement == demo.target_agreement
+    assert (config.train.seed, config.train.lr, config.eval.share) == (2, 1e-3, demo.eval_share)
+    served = serve_config(root, tmp_path / "out", demo)
+    args = served["applications"][0]["args"]
+    GatewayConfig.model_validate(args)
+    assert args["generate"]["audit_fraction"] == 1.0
+    assert args["generate"]["target_agreement"] == demo.target_agreement
+    assert args["generate"]["registry"] == str((tmp_path / "out" / "registry").resolve())
+    with pytest.raises(ValueError, match="kind: generate"):  # the classification job's
+        distill_config(Path("deploy/distill.yaml"), tmp_path / "out", demo, seed=0)
+
+
+def test_the_report_prints_each_round_and_draws_the_curve(pair, tmp_path, capsys):
+    *_, holdout = pair
+    seed = holdout.figures(pair[2])
+    estimate = {"value": 0.6, "low": 0.5, "high": 0.7, "sampled": 12, "records": 40}
+    row = {
+        "round": 1,
+        "served_versions": ["student-a"],
+        "served_prompts": 40,
+        "failed_requests": 0,
+        "served_escalation_rate": 0.65,
+        "throughput_rps": 1.2,
+        "latency_ms": {"p50": 900, "p95": 2000},
+        "distill_seconds": 300.0,
+        "swap_seconds": None,
+        "result": "rejected",
+        "reason": "the escalation needed drops by +1.0%",
+        "decision": {
+            "current": {
+                "version": "student-a",
+                "escalation_rate": estimate,
+                "cascade_agreement": estimate,
+            }
+        },
+        "training": {"examples": 20, "top_k_examples": 18, "seconds": 30.0},
+        "offline_generation": {"judge_seconds": 50.0},
+        "teacher_likelihood": {"current": -3.1, "candidate": -3.0},
+        "holdout": seed,
+    }
+    summary = {
+        "seed": seed,
+        "final": seed,
+        "teacher_rouge_l_gold": holdout.teacher_rouge_l_gold,
+        "holdout_prompts": len(PROMPTS),
+        "settings": {"target_agreement": 0.8},
+        "agreement_cut": 0.5,
+        "rounds_promoted": 0,
+        "minutes_after_build": 12.0,
+        "build_minutes": 0.1,
+    }
+    print_round(row)
+    print_summary([row], summary)
+    out = capsys.readouterr().out
+    assert "rejected: the escalation needed drops" in out
+    assert "60.0% [50.0%, 70.0%]" in out  # the live estimate with its interval
+    assert "0 of 1 rounds promoted; 12.0 minutes after the build" in out
+    summary["settings"] = DemoSettings().__dict__ | {"target_agreement": 0.8}
+    summary["demo_seed"] = 0
+    page = markdown({"rounds": [row], "summary": summary}, "curve.png")
+    assert "| 1 | student-a | 65.0% | 60.0% [50.0%, 70.0%] | 12 |" in page
+    assert "0 of 1 rounds promoted; 0 requests failed" in page and "(curve.png)" in page
+    plot([row], summary, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
