@@ -129,14 +129,8 @@ def _run_locked(
             f"the student's and the teacher's tokenizers differ ({', '.join(differences)}), "
             "and token-level distillation needs one tokenizer: set `distillation: sequence`"
         )
-    teacher_manifest = read_manifest(config.teacher)
-    teacher_version = config.teacher_version or (
-        teacher_manifest.version
-        if teacher_manifest
-        else f"teacher-{weights_digest(config.teacher)}"
-    )
     offline = OfflineAnswers(
-        teacher_lm, teacher_version, config.scores_dir, config.top_k, config.batch_size
+        teacher_lm, teacher_version(config), config.scores_dir, config.top_k, config.batch_size
     )
     gold = sample_prompts(config.gold, reference=True, limit=config.gold_limit)
     held_out = {normalise(p.split_text) for p in gold}
@@ -173,6 +167,15 @@ def _run_locked(
         return report
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def teacher_version(config: GenerateDistillConfig) -> str:
+    """The version the teacher's answers are kept under: the one the gateway logs them
+    under (``teacher_version``), else the folder's own."""
+    if config.teacher_version:
+        return config.teacher_version
+    manifest = read_manifest(config.teacher)
+    return manifest.version if manifest else f"teacher-{weights_digest(config.teacher)}"
 
 
 def _trainer(config: GenerateDistillConfig, registry: Registry) -> Trainer:

@@ -181,11 +181,20 @@ def collect(report: dict[str, Any], reports: list[dict[str, Any]]) -> CollectorR
 
 
 def push(address: str | None, report: dict[str, Any], reports: list[dict[str, Any]]) -> bool:
-    """Push when ``address`` is set; a Pushgateway that is down is a warning, never a failure."""
+    """Push when ``address`` is set; a Pushgateway that is down is a warning, never a failure.
+    Each task kind's job is its own group (``kind`` label): a push replaces its whole group,
+    so the classification and the generative jobs never wipe each other's metrics."""
     if not address:
         return False
+    kind = str(report.get("kind", "classify"))
     try:
-        push_to_gateway(address, job=JOB, registry=collect(report, reports), timeout=5)
+        push_to_gateway(
+            address,
+            job=JOB,
+            registry=collect(report, reports),
+            grouping_key={"kind": kind},
+            timeout=5,
+        )
     except OSError as exc:
         logger.warning("could not push distillation metrics to %s: %s", address, exc)
         return False

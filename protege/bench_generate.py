@@ -186,18 +186,46 @@ def pin_seed(config: dict[str, Any], seed: str) -> dict[str, Any]:
 
 
 def wait_for_student(client: ChatClient, version: str, timeout_s: float = 300) -> None:
-    """Until the gateway's cascade serves ``version`` (a swap or a pin has landed)."""
-    from openai import OpenAI
+    """Until the gateway's cascade serves ``version`` (a swap or a pin has landed); a
+    TimeoutError naming what it serves instead, and the swap's last error, after
+    ``timeout_s`` (a failed call is retried until then)."""
+    from openai import OpenAI, OpenAIError
 
-    models = OpenAI(base_url=f"{client.base}/v1", api_key=client.key, max_retries=0)
+    models = OpenAI(base_url=f"{client.base}/v1", api_key=client.key, max_retries=0, timeout=10)
     deadline = time.monotonic() + timeout_s
+    seen: dict[str, Any] = {}
     while True:
-        entry = next(m for m in models.models.list() if m.id == client.model)
-        if (getattr(entry, "protege", None) or {}).get("student", {}).get("version") == version:
+        try:
+            entries = [m for m in models.models.list() if m.id == client.model]
+            seen = (getattr(entries[0], "protege", None) or {}) if entries else {}
+        except OpenAIError as exc:
+            seen = {"error": repr(exc)}
+        if seen.get("student", {}).get("version") == version:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the gateway did not serve {version} within {timeout_s} s")
+            raise TimeoutError(
+                f"the gateway did not serve {version} within {timeout_s} s (it serves "
+                f"{seen.get('student', {}).get('version')}; last report: "
+                f"{seen.get('swap') or seen.get('error') or 'none'})"
+            )
         time.sleep(0.5)
+
+
+def same_target(section: dict[str, Any]) -> dict[str, Any]:
+    """The cascade section with the current version's stored target made explicit, when
+    it names none: the seed (reference row) then derives its threshold for the same target
+    as the learned student, not for the one stored with it."""
+    rules = ("threshold", "target_agreement", "target_escalation_rate")
+    if any(section.get(k) is not None for k in rules):
+        return section
+    manifest = read_manifest(current_student(GenerateCascadeConfig.model_validate(section)))
+    target = manifest.default_target if manifest else None
+    if target is None:
+        return section
+    return section | {
+        "target_agreement": target.target_agreement,
+        "target_escalation_rate": target.target_escalation_rate,
+    }
 
 
 def model_version(folder: Path) -> str:
@@ -219,6 +247,7 @@ def run_generate_bench(
     section, shared = generate_section(config_path or root / "serve_config.yaml")
     if registry is not None:
         section["registry"] = str(registry)
+    section = same_target(section)
     prompts = read_prompts(root / "data" / "gold.jsonl")
     if len(prompts) < requests + concurrency:
         raise SystemExit(

@@ -136,9 +136,12 @@ def _demo(args: argparse.Namespace) -> int:
         return _demo_generate(args)
     from protege.demo import run_demo
 
+    if args.docs is not None:
+        print("error: --docs is the generative demo's (--task generate)", file=sys.stderr)
+        return 2
     run_demo(
         args.cache,
-        args.config,
+        args.config or Path("deploy/serve_config.yaml"),
         args.rounds,
         args.chunk or 1000,
         args.concurrency,
@@ -151,6 +154,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_generate(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        print("error: --config is the classification demo's (--task classify)", file=sys.stderr)
+        return 2
     from protege.demo_generate import DemoSettings, run_generate_demo
 
     demo = DemoSettings(rounds=args.rounds, concurrency=args.concurrency)
@@ -182,18 +188,30 @@ def write_demo_docs(results: dict, curve: Path, page: Path) -> None:
 
 
 def _demo_spread(args: argparse.Namespace) -> int:
-    from protege.demo_report import spread
+    from protege import demo_generate_report, demo_report
     from protege.docs_block import replace_block
 
+    kinds = {  # a generative demo's summary has its teacher's ROUGE-L
+        "teacher_rouge_l_gold" in json.loads((run / "demo.json").read_text())["summary"]
+        for run in args.runs
+    }
+    if len(kinds) > 1:
+        print("error: these runs mix classification and generative demos", file=sys.stderr)
+        return 2
+    generative = kinds.pop()
+    spread = demo_generate_report.spread if generative else demo_report.spread
+    block, default = (
+        ("demo-generate-spread", GENERATE_DOCS) if generative else ("demo-spread", SPREAD_DOCS)
+    )
     try:
-        page = _docs_target(args.docs, SPREAD_DOCS, "demo-spread")
+        page = _docs_target(args.docs, default, block)
     except ValueError as exc:
         return _docs_error(exc)
     table = spread(args.runs)
     print(table)
     if page is not None:
-        replace_block(page, "demo-spread", table)
-        print(f"written: the table into {page} (block demo-spread)")
+        replace_block(page, block, table)
+        print(f"written: the table into {page} (block {block})")
     return 0
 
 
@@ -424,7 +442,7 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the learning loop: serve, distil, gate, hot-swap, repeat")
     demo.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    demo.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
+    demo.add_argument("--config", type=Path, help="serve config (deploy/serve_config.yaml)")
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument(
         "--task",

@@ -25,7 +25,7 @@ from typing import Any
 
 from distill.config import load_distill_config
 from distill.generate_config import GenerateDistillConfig
-from distill.generate_job import run_generate, sample_prompts
+from distill.generate_job import run_generate, sample_prompts, teacher_version
 from distill.prompts import TaskPrompt, read_prompts
 from protege.bench_generate import ChatClient, wait_for_student
 from protege.bench_generate_inprocess import Measured
@@ -34,7 +34,6 @@ from protege.demo_generate_holdout import GenerateHoldout, HoldoutSettings
 from protege.demo_generate_report import plot, print_round, print_summary
 from protege.gateway_process import running_gateway
 from protege.generate_configs import generate_section, generative_gateway
-from serving.contracts.manifest import read_manifest
 from serving.contracts.records import iter_records
 from serving.contracts.registry import Registry
 from serving.generate.models import load_language_model
@@ -115,28 +114,25 @@ def run_generate_demo(
     root = cache / "generate"
     for stale in ("registry", "registry-cache", "generations", "work"):
         shutil.rmtree(out / stale, ignore_errors=True)  # each demo starts from the seed
-    source = Registry(root / "registry")
-    seed_version = source.current()
-    if seed_version is None:
-        raise SystemExit(f"error: {source.uri} has no current student: rebuild the pair")
-    registry = Registry(out / "registry")
-    registry.promote(registry.import_folder(source.path(seed_version)))
+    registry = Registry(out / "registry")  # the seed as built, whatever the pair's registry holds
+    seed_version = registry.import_folder(root / "models" / "student")
+    registry.promote(seed_version)
+    seed_manifest = registry.manifest(seed_version)
     config = distill_config(root / "distill.yaml", out, demo, seed)
     served = serve_config(root, out, demo)
     print(f"demo settings: {json.dumps(asdict(demo))}, seed {seed}", flush=True)
     stream = stream_prompts(root / "data" / "stream.jsonl", demo.rounds * demo.per_round, seed)
     teacher = load_language_model(config.teacher, device=config.device)
-    teacher_manifest = read_manifest(config.teacher)
-    holdout = GenerateHoldout(
+    holdout = GenerateHoldout(  # the judge's gold sample, limits and cache: answers shared
         sample_prompts(config.gold, reference=True, limit=config.gold_limit),
         teacher,
-        teacher_manifest.version if teacher_manifest else "teacher",
+        teacher_version(config),
         config.scores_dir,
         HoldoutSettings(
             config.scorer,
             config.agreement_cut,
             demo.target_agreement,
-            config.max_new_tokens,
+            seed_manifest.max_new_tokens or config.max_new_tokens,
             config.batch_size,
         ),
         config.device,
@@ -159,11 +155,15 @@ def run_generate_demo(
             job_began = time.perf_counter()
             report = run_generate(config)
             job_seconds = time.perf_counter() - job_began
-            swap_seconds = None
+            swap_seconds: float | str | None = None
             if report["result"] == "promoted":
                 swap_began = time.perf_counter()
-                wait_for_student(client, report["candidate"])
-                swap_seconds = time.perf_counter() - swap_began
+                try:
+                    wait_for_student(client, report["candidate"])
+                    swap_seconds = time.perf_counter() - swap_began
+                except TimeoutError as exc:  # the round's row says so; the demo goes on
+                    print(f"  !! {exc}")
+                    swap_seconds = f"failed: {exc}"
             serving = registry.current() or seed_version
             figures = holdout.figures(registry.path(serving))
             rows.append(_round_row(number, measured, report, figures, job_seconds, swap_seconds))
@@ -197,7 +197,10 @@ def _count(log: Path) -> int:
 def _wait_for_log(log: Path, records: int, timeout_s: float = 60) -> None:
     """Until the gateway's log holds ``records`` (it writes each after the answer ends)."""
     deadline = time.monotonic() + timeout_s
-    while _count(log) < records and time.monotonic() < deadline:
+    while _count(log) < records:
+        if time.monotonic() > deadline:
+            print(f"  !! the log holds {_count(log)} of {records} records after {timeout_s} s")
+            return
         time.sleep(0.5)
 
 
@@ -207,7 +210,7 @@ def _round_row(
     report: dict[str, Any],
     holdout: dict[str, Any],
     job_seconds: float,
-    swap_seconds: float | None,
+    swap_seconds: float | str | None,
 ) -> dict[str, Any]:
     answers = [a for a in measured.answers if a is not None]
     latencies = sorted(a.latency_s for a in answers)
@@ -225,7 +228,7 @@ def _round_row(
         "latency_ms": {"p50": quantile(0.5), "p95": quantile(0.95)},
         "serve_seconds": round(measured.seconds, 1),
         "distill_seconds": round(job_seconds, 1),
-        "swap_seconds": None if swap_seconds is None else round(swap_seconds, 1),
+        "swap_seconds": round(swap_seconds, 1) if isinstance(swap_seconds, float) else swap_seconds,
         "result": report["result"],
         "reason": report["reason"],
         "decision": report.get("decision", {}),

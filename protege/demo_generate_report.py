@@ -9,6 +9,12 @@ from typing import Any
 from protege.demo_report import ci, drop_text, gate_figure, serving_live
 
 
+def _swap(seconds: float | str | None) -> str:
+    if seconds is None:
+        return ""
+    return f", swap {seconds}" if isinstance(seconds, str) else f", swapped in {seconds:.1f} s"
+
+
 def print_round(row: dict[str, Any]) -> None:
     lat = row["latency_ms"]
     print(
@@ -16,7 +22,7 @@ def print_round(row: dict[str, Any]) -> None:
         f"{row['served_escalation_rate']:.1%} of {row['served_prompts']} prompts, "
         f"{row['throughput_rps']} req/s, p50/p95 {lat['p50']}/{lat['p95']} ms, "
         f"{row['failed_requests']} failed; distillation {row['distill_seconds']:.0f} s"
-        + (f", swapped in {row['swap_seconds']:.1f} s" if row["swap_seconds"] is not None else "")
+        + _swap(row["swap_seconds"])
     )
     print(f"  {row['result']}: {row['reason']}")
     training, cost = row.get("training") or {}, row.get("offline_generation") or {}
@@ -178,3 +184,33 @@ def markdown(results: dict[str, Any], picture: str | None = None) -> str:
     if picture:
         lines += ["", f"![the generative demo's learning curve]({picture})"]
     return "\n".join(lines) + "\n"
+
+
+def spread(folders: list[Path]) -> str:
+    """Several generative demo runs (``--seed``) side by side: how many rounds each
+    promoted, and the holdout figures from the seed to the last student."""
+    import json
+
+    runs = [json.loads((Path(f) / "demo.json").read_text()) for f in folders]
+    lines = [
+        "| seed | results by round | gate: drop in esc. needed [bound] by round "
+        "| holdout esc. needed seed -> final | cascade ROUGE-L seed -> final "
+        "| student ROUGE-L seed -> final | minutes after the build |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    promoted, rounds = 0, 0
+    for run in runs:
+        summary, rows = run["summary"], run["rounds"]
+        seed, final = summary["seed"], summary["final"]
+        promoted += summary["rounds_promoted"]
+        rounds += len(rows)
+        lines.append(
+            f"| {summary['demo_seed']} | {', '.join(r['result'] for r in rows)} "
+            f"| {', '.join(drop_text(r.get('decision') or {}) for r in rows)} "
+            f"| {seed['escalation_needed']:.1%} -> {final['escalation_needed']:.1%} "
+            f"| {seed['cascade_rouge_l_gold']:.3f} -> {final['cascade_rouge_l_gold']:.3f} "
+            f"| {seed['student_rouge_l_gold']:.3f} -> {final['student_rouge_l_gold']:.3f} "
+            f"| {summary['minutes_after_build']} |"
+        )
+    lines.append(f"\nover {len(runs)} seeds: {promoted} of {rounds} rounds promoted")
+    return "\n".join(lines)

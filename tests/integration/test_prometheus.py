@@ -263,6 +263,9 @@ def traffic(prometheus, pushgateway, serve_cluster, tiny_pair, tmp_path_factory)
     }
     (runs / "r1.json").write_text(json.dumps(report))
     assert distill_metrics.push(pushgateway, report, [{**report, "finished_at": time.time()}])
+    # the generative job pushes after it: its own group, so the job above keeps its metrics
+    generative = {"run_id": "g1", "kind": "generate", "result": "rejected", "seconds": 3.0}
+    assert distill_metrics.push(pushgateway, generative, [{**generative, "finished_at": 1.0}])
     yield
     serve.delete(APP)
     serve.delete(f"{APP}-degraded")
@@ -340,6 +343,7 @@ def test_generation_counts_match_the_traffic_sent(prometheus, traffic):
 
 def test_the_jobs_offline_audit_agreement_reaches_the_recording_rule(prometheus, traffic):
     settles(prometheus, 'sum(protege_distill_offline_audits{agreement="agree"})', 18)
+    settles(prometheus, 'count(protege_distill_runs_total{kind="generate"})', 1, at_least=True)
     settles(prometheus, "protege:audit_agreement_offline:ratio", 0.9)
     # this app's audits are online (the gateway counts them): those come first
     settles(prometheus, "count(protege:audit_agreement:ratio_1h)", 1)

@@ -301,3 +301,33 @@ def test_the_generative_job_learns_from_what_the_rayservice_logs(rendered):
         d for d in docs if d["metadata"]["name"] == "protege-distill" and d["kind"] == "RayCronJob"
     )
     assert classify["spec"]["schedule"] != cron["spec"]["schedule"]
+
+
+def test_the_generative_job_config_is_the_one_the_pair_build_writes(tmp_path):
+    """deploy/distill-generate.yaml (what the cluster runs) and the config `protege models
+    build-generate` writes beside the pair agree on everything but the paths."""
+    from protege.default_generate import PROFILES
+    from protege.generate_configs import write_distill_config
+
+    (tmp_path / "generate").mkdir()
+    built = yaml.safe_load(write_distill_config(tmp_path, PROFILES["full"]).read_text())
+    shipped = yaml.safe_load((ROOT / "deploy/distill-generate.yaml").read_text())
+    paths = {"registry", "log_dir", "teacher", "traffic", "gold", "cache_dir"}
+    assert set(built) == set(shipped)
+    assert {k: v for k, v in built.items() if k not in paths} == {
+        k: v for k, v in shipped.items() if k not in paths
+    }
+    for key in paths:  # the same files of the pair, relative to the checkout
+        assert str(built[key]).endswith(shipped[key].removeprefix("var/cache"))
+
+
+def test_each_fallback_cronjob_keeps_its_rayjobs_schedule(rendered):
+    crons = {d["metadata"]["name"]: d for d in rendered["k8s"] if d["kind"] == "RayCronJob"}
+    fallback = {
+        d["metadata"]["name"]: d
+        for d in rendered["k8s/overlays/no-raycronjob"]
+        if d["kind"] == "CronJob"
+    }
+    assert set(fallback) == {f"{name}-submit" for name in crons}
+    for name, cron in crons.items():
+        assert fallback[f"{name}-submit"]["spec"]["schedule"] == cron["spec"]["schedule"]
