@@ -125,10 +125,17 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    ax.set_title("protege (generation): the student learns what it used to escalate")
+    ax.set_title("protege (generation): escalation by student generation")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _likelihood(row: dict[str, Any]) -> str:
+    both = row.get("teacher_likelihood") or {}
+    if both.get("current") is None or both.get("candidate") is None:
+        return "-"
+    return f"{both['current']:.2f} -> {both['candidate']:.2f}"
 
 
 def markdown(results: dict[str, Any], picture: str | None = None) -> str:
@@ -146,10 +153,10 @@ def markdown(results: dict[str, Any], picture: str | None = None) -> str:
         f"{summary['minutes_after_build']} minutes after the build.",
         "",
         "| round | served by | served esc. | live esc. [95% CI] | sampled | live agreement "
-        "| trained pairs | distil s | holdout esc. | holdout needed | cascade ROUGE-L "
-        "| needed drop [bound] | result |",
-        "|" + "---|" * 13,
-        f"| 0 | {seed['version']} | | | | | | | {seed['escalation_rate']:.1%} "
+        "| trained pairs | log-lik. of teacher answers, current -> candidate | distil s "
+        "| holdout esc. | holdout needed | cascade ROUGE-L | needed drop [bound] | result |",
+        "|" + "---|" * 14,
+        f"| 0 | {seed['version']} | | | | | | | | {seed['escalation_rate']:.1%} "
         f"| {seed['escalation_needed']:.1%} | {seed['cascade_rouge_l_gold']:.3f} | | seed |",
     ]
     for row in rows:
@@ -160,7 +167,7 @@ def markdown(results: dict[str, Any], picture: str | None = None) -> str:
             f"| {row['served_escalation_rate']:.1%} | {ci(live.get('escalation_rate'))} "
             f"| {live.get('escalation_rate', {}).get('sampled', '-')} "
             f"| {ci(live.get('cascade_agreement'))} | {training.get('examples', '-')} "
-            f"| {row['distill_seconds']:.0f} | {hold['escalation_rate']:.1%} "
+            f"| {_likelihood(row)} | {row['distill_seconds']:.0f} | {hold['escalation_rate']:.1%} "
             f"| {hold['escalation_needed']:.1%} | {hold['cascade_rouge_l_gold']:.3f} "
             f"| {drop_text(row.get('decision') or {})} | {row['result']} |"
         )

@@ -182,6 +182,7 @@ def test_the_report_prints_each_round_and_draws_the_curve(pair, tmp_path, capsys
     assert "0 of 1 rounds promoted; 12.0 minutes after the build" in out
     page = markdown(run, "curve.png")
     assert "| 1 | student-a | 65.0% | 60.0% [50.0%, 70.0%] | 12 |" in page
+    assert "| 20 | -3.10 -> -3.00 | 300 |" in page  # the pairs, the imitation, the job's time
     assert "0 of 1 rounds promoted; 0 requests failed" in page and "(curve.png)" in page
     plot([row], summary, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
