@@ -131,6 +131,19 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     plt.close(fig)
 
 
+def _cost(row: dict[str, Any]) -> str:
+    training, cost = row.get("training") or {}, row.get("offline_generation") or {}
+    if not training:
+        return f"{row['distill_seconds']:.0f} s, nothing trained"
+    students = sum((cost.get("student_answers") or {}).values())
+    return (
+        f"{row['distill_seconds']:.0f} s: training {training['seconds']:.0f} s, "
+        f"{cost.get('teacher_answers', 0)} teacher answers generated offline for training "
+        f"({cost.get('teacher_seconds', 0):.0f} s), judging {cost.get('judge_seconds', 0):.0f} s "
+        f"({students} student answers, teacher {cost.get('judge_teacher_seconds', 0):.0f} s)"
+    )
+
+
 def _likelihood(row: dict[str, Any]) -> str:
     both = row.get("teacher_likelihood") or {}
     if both.get("current") is None or both.get("candidate") is None:
@@ -185,6 +198,9 @@ def markdown(results: dict[str, Any], picture: str | None = None) -> str:
         f"student alone {seed['student_rouge_l_gold']:.3f} -> "
         f"{final['student_rouge_l_gold']:.3f}; cascade {seed['cascade_rouge_l_gold']:.3f} -> "
         f"{final['cascade_rouge_l_gold']:.3f}.",
+        "- What each run cost (its report's `training` and `offline_generation`): "
+        + "; ".join(f"round {r['round']}: {_cost(r)}" for r in rows)
+        + ".",
         "- Each round's decision: "
         + "; ".join(f"round {r['round']}: {r['result']}: {r['reason']}" for r in rows),
     ]
