@@ -175,11 +175,11 @@ def seed_reference(config: GenerateCascadeConfig, current: str) -> tuple[str, bo
     return seed, True
 
 
-def pin_seed(config: dict[str, Any], seed: str) -> dict[str, Any]:
-    """The served config with the cascade application's Gateway pinned to ``seed``."""
+def pin_seed(config: dict[str, Any], seed: str, application: str = "cascade") -> dict[str, Any]:
+    """The served config with ``application``'s Gateway pinned to ``seed``."""
     pinned = copy.deepcopy(config)
     for app in pinned["applications"]:
-        if app["name"] == "cascade":
+        if app["name"] == application:
             gateway = next(d for d in app["deployments"] if d["name"] == "Gateway")
             gateway["user_config"] = {"generate": {"student_version": seed}}
     return pinned

@@ -99,7 +99,9 @@ def client(task, serve_cluster):
     app["args"] |= {"registry_poll_s": 0.5, "torch_threads": 1}
     local_ray.deploy_config({"applications": [app]}, task)
     url = f"http://127.0.0.1:{serve_cluster}/{APP}/v1"
-    yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    client.served_app = app  # type: ignore[attr-defined]  # what the last test pins
+    yield client
     serve.delete(APP)
 
 
@@ -142,3 +144,24 @@ def test_a_promoted_candidate_is_hot_swapped_with_no_failed_request(task, client
     reply = client.chat.completions.create(model=MODEL, messages=chat(0))
     assert reply.protege["tier"] == "student"
     assert reply.choices[0].message.content == greedy.text  # it answers as the teacher does
+
+
+def test_the_bench_pins_the_seed_beside_a_learned_student_and_asks_it(task, client):
+    """What ``protege bench --task generate`` does for its seed reference row, on the
+    gateway the previous test swapped: pin the seed in place, wait until it serves, ask."""
+    from protege.bench_generate import ChatClient, pin_seed, wait_for_student
+
+    registry = Registry(load_distill_config(task / "distill.yaml").registry)
+    seed = next(m.version for m in registry.versions() if m.version != registry.current())
+    pinned = pin_seed({"applications": [client.served_app]}, seed, application=APP)
+    local_ray.deploy_config(pinned, task)
+    asking = ChatClient(str(client.base_url).removesuffix("/v1/"), "unused", MODEL, MAX_NEW, None)
+    wait_for_student(asking, seed, timeout_s=120)
+    row = asking.row("cascade, seed student (reference)", [chat(0), chat(1)], [], 2)
+    assert [a.student_version for a in row.answers if a is not None] == [seed, seed]
+    unpinned = pin_seed({"applications": [client.served_app]}, seed, application=APP)
+    for deployment in unpinned["applications"][0]["deployments"]:
+        if deployment["name"] == "Gateway":
+            deployment["user_config"] = {}  # no pin: follow the registry's pointer again
+    local_ray.deploy_config(unpinned, task)
+    wait_for_student(asking, registry.current() or "", timeout_s=120)

@@ -46,8 +46,15 @@ def need(binary: str) -> str:
 @pytest.fixture(scope="module")
 def pushgateway(tmp_path_factory):
     port = free_port()
+    # its own persistence file: Debian's build persists in /var/lib/prometheus by default,
+    # which would carry groups over from earlier runs
+    persistence = tmp_path_factory.mktemp("pushgateway") / "pushgateway.data"
     proc = subprocess.Popen(
-        [need("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+        [
+            need("prometheus-pushgateway"),
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--persistence.file={persistence}",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
