@@ -40,7 +40,7 @@ models-generate: install
 demo: install
 	$(VENV)/bin/protege demo --cache $(CACHE)
 
-# the generative loop: three rounds of serve, distil, judge, hot swap (about 30-60 min on 2 cores)
+# the generative loop: three rounds of serve, distil, judge, hot swap (16-24 min on 2 cores after the build)
 demo-generate: models-generate
 	$(VENV)/bin/protege demo --task generate --cache $(CACHE)
 
