@@ -17,28 +17,33 @@ from __future__ import annotations
 import random
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from distill import gate, metrics
+from distill import gate
 from distill.causal_lm import (
     CausalExample,
     CausalTrainSettings,
     answer_cross_entropy,
     train_causal_lm,
 )
-from distill.dataset import read_generation_window, read_watermark
+from distill.dataset import read_generation_window
 from distill.generate_config import GenerateDistillConfig
 from distill.generate_judge import GenerateJudge, JudgeSettings
 from distill.generation_examples import training_examples
-from distill.job import decision_result, flat_figures, lease_lost, log_folder, window_stop
-from distill.lock import Lease, run_lock
+from distill.job import (
+    decision_result,
+    flat_figures,
+    lease_lost,
+    open_window,
+    run_under_lease,
+    window_stop,
+)
+from distill.lock import Lease
 from distill.offline_answers import OfflineAnswers
 from distill.prompts import TaskPrompt, read_prompts
-from distill.scorer_check import check_scorer
-from distill.splits import check_share, normalise
+from distill.splits import normalise
 from distill.token_kd import token_distillation_loss
 from serving.contracts.generation_records import GenerationRecord
 from serving.contracts.manifest import (
@@ -48,7 +53,7 @@ from serving.contracts.manifest import (
     weights_digest,
     write_manifest,
 )
-from serving.contracts.registry import Registry, RegistryError
+from serving.contracts.registry import Registry
 from serving.generate.models import load_language_model, load_tokenizer, tokenizer_differences
 
 Trainer = Callable[[Path, Sequence[CausalExample], Path], list[float]]
@@ -58,58 +63,23 @@ Trainer = Callable[[Path, Sequence[CausalExample], Path], list[float]]
 def run_generate(config: GenerateDistillConfig, trainer: Trainer | None = None) -> dict[str, Any]:
     """Run once; returns the run report (also written to the registry). ``trainer``
     replaces the training loop (a test seam: a planted candidate)."""
-    registry = Registry(
-        config.registry, cache_dir=config.work_dir / "registry", endpoint_url=config.s3_endpoint
-    )
-    registry.store.check()
-    registry.store.check_conditional_writes()
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    began = time.time()
-    with run_lock(registry.store) as lease:
-        try:
-            report = _run_locked(
-                config, registry, run_id, lease, trainer or _trainer(config, registry)
-            )
-        except Exception as exc:
-            failed = {
-                "run_id": run_id,
-                "kind": "generate",
-                "result": "failed",
-                "reason": f"{type(exc).__name__}: {exc}",
-                "seconds": round(time.time() - began, 1),
-                "finished_at": time.time(),
-            }
-            registry.write_run(run_id, failed)
-            metrics.push(config.pushgateway, failed, registry.runs())
-            raise
-    seconds = round(time.time() - began, 1)
-    report = {"run_id": run_id, "kind": "generate", **report, "seconds": seconds}
-    report["finished_at"] = time.time()
-    registry.write_run(run_id, report)
-    metrics.push(config.pushgateway, report, registry.runs())
-    return report
+
+    def locked(registry: Registry, run_id: str, lease: Lease) -> dict[str, Any]:
+        return _run_locked(config, registry, run_id, lease, trainer or _trainer(config, registry))
+
+    return run_under_lease(config, locked, kind="generate")
 
 
 def _run_locked(
     config: GenerateDistillConfig, registry: Registry, run_id: str, lease: Lease, trainer: Trainer
 ) -> dict[str, Any]:
-    current = registry.current()
-    if current is None:
-        raise RegistryError(
-            f"registry {registry.uri} has no current student: run `protege init TASK.yaml` "
-            "on the generative task first"
-        )
-    check_share(registry.store, config.eval.share)
-    watermark = read_watermark(registry.store)
-    window = read_generation_window(
-        log_folder(config),
-        watermark,
-        eval_share=config.eval.share,
-        replay=config.replay_records,
-        seed=config.train.seed + len(watermark),
-        max_eval=config.eval.max_records,
+    current, window = open_window(
+        config,
+        registry,
+        read_generation_window,
+        config.replay_records,
+        "run `protege init TASK.yaml` on the generative task first",
     )
-    check_scorer(window.evaluation, config.scorer)  # type: ignore[arg-type]
     stop = window_stop(
         window,
         current,

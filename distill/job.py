@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,36 @@ logger = logging.getLogger(__name__)
 
 def run(config: DistillConfig) -> dict[str, Any]:
     """Run once; returns the run report (also written to the registry)."""
+    return run_under_lease(
+        config, lambda registry, run_id, lease: _run_locked(config, registry, run_id, lease)
+    )
+
+
+LockedRun = Callable[[Registry, str, Lease], dict[str, Any]]
+"""(registry, run id, the held lease) -> the run's report (without its id and timing)."""
+
+
+def run_under_lease(
+    config: DistillConfig | GenerateDistillConfig, locked: LockedRun, kind: str | None = None
+) -> dict[str, Any]:
+    """Every kind's run envelope: the store checked, the lease held, a failure written as a
+    ``failed`` report before it is raised, the report written to the registry and pushed.
+    ``kind`` is recorded in the report (and groups the pushed metrics) when given."""
     registry = Registry(
         config.registry, cache_dir=config.work_dir / "registry", endpoint_url=config.s3_endpoint
     )
     registry.store.check()  # unreachable: a clear error naming it, before anything else
     registry.store.check_conditional_writes()  # the lease and the pointer need them
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    tag = {"kind": kind} if kind else {}
     began = time.time()
     with run_lock(registry.store) as lease:
         try:
-            report = _run_locked(config, registry, run_id, lease)
+            report = locked(registry, run_id, lease)
         except Exception as exc:
             failed = {
                 "run_id": run_id,
+                **tag,
                 "result": "failed",
                 "reason": f"{type(exc).__name__}: {exc}",
                 "seconds": round(time.time() - began, 1),
@@ -70,10 +88,37 @@ def run(config: DistillConfig) -> dict[str, Any]:
             metrics.push(config.pushgateway, failed, registry.runs())
             raise
     seconds = round(time.time() - began, 1)
-    report = {"run_id": run_id, **report, "seconds": seconds, "finished_at": time.time()}
+    report = {"run_id": run_id, **tag, **report, "seconds": seconds, "finished_at": time.time()}
     registry.write_run(run_id, report)
     metrics.push(config.pushgateway, report, registry.runs())
     return report
+
+
+def open_window(
+    config: DistillConfig | GenerateDistillConfig,
+    registry: Registry,
+    read: Callable[..., Window[Any]],
+    replay: int,
+    first_step: str,
+) -> tuple[str, Window[Any]]:
+    """The current version and the window after the watermark (``read`` is the kind's
+    reader), the evaluation share and the scorer checked; ``first_step`` says how to get a
+    current version when there is none."""
+    current = registry.current()
+    if current is None:
+        raise RegistryError(f"registry {registry.uri} has no current student: {first_step}")
+    check_share(registry.store, config.eval.share)
+    watermark = read_watermark(registry.store)
+    window = read(
+        log_folder(config),
+        watermark,
+        eval_share=config.eval.share,
+        replay=replay,
+        seed=config.train.seed + len(watermark),
+        max_eval=config.eval.max_records,
+    )
+    check_scorer(window.evaluation, config.scorer)  # one scorer, or the run stops here
+    return current, window
 
 
 def log_folder(config: DistillConfig | GenerateDistillConfig) -> Path:
@@ -90,23 +135,13 @@ def log_folder(config: DistillConfig | GenerateDistillConfig) -> Path:
 def _run_locked(
     config: DistillConfig, registry: Registry, run_id: str, lease: Lease
 ) -> dict[str, Any]:
-    current = registry.current()
-    if current is None:
-        raise RegistryError(
-            f"registry {registry.uri} has no current student: run `protege init TASK.yaml` "
-            "(or `protege registry import FOLDER --promote`) first"
-        )
-    check_share(registry.store, config.eval.share)
-    watermark = read_watermark(registry.store)
-    window = read_window(
-        log_folder(config),
-        watermark,
-        eval_share=config.eval.share,
-        replay=config.replay.earlier_records,
-        seed=config.train.seed + len(watermark),
-        max_eval=config.eval.max_records,
+    current, window = open_window(
+        config,
+        registry,
+        read_window,
+        config.replay.earlier_records,
+        "run `protege init TASK.yaml` (or `protege registry import FOLDER --promote`) first",
     )
-    check_scorer(window.evaluation, config.scorer)  # one scorer, or the run stops here
     stop = window_stop(
         window,
         current,

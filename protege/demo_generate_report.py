@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from protege.demo_report import ci, drop_text, gate_figure, serving_live
+from protege.demo_report import ci, drop_text, print_live, print_table, serving_live
 
 
 def _swap(seconds: float | str | None) -> str:
@@ -32,16 +32,7 @@ def print_round(row: dict[str, Any]) -> None:
             f"teacher's top-k) in {training['seconds']:.0f} s; judged in "
             f"{cost.get('judge_seconds', 0):.0f} s"
         )
-    decision = row.get("decision") or {}
-    for side in ("current", "candidate"):
-        figures = decision.get(side)
-        if figures:
-            print(
-                f"  live {side:9} {figures['version']}: escalation {ci(figures['escalation_rate'])}, "
-                f"cascade agreement {ci(figures['cascade_agreement'])}"
-            )
-    if gate_figure(decision) != "-":
-        print(f"  gate: {gate_figure(decision)}")
+    print_live(row.get("decision") or {})
     likelihood = row.get("teacher_likelihood") or {}
     if likelihood.get("current") is not None:
         print(
@@ -57,28 +48,8 @@ def print_round(row: dict[str, Any]) -> None:
 
 
 def print_summary(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    head = (
-        f"{'round':>5} | {'served esc.':>11} | {'live esc. [95% CI]':>24} | {'sampled':>7} | "
-        f"{'live agreement':>24} | {'holdout esc.':>12} | {'ROUGE-L':>7} | "
-        f"{'needed drop [bound]':>22} | result"
-    )
-    print("\n" + head + "\n" + "-" * len(head))
     seed = summary["seed"]
-    print(
-        f"{0:>5} | {'':>11} | {'':>24} | {'':>7} | {'':>24} | {seed['escalation_rate']:>12.1%} | "
-        f"{seed['cascade_rouge_l_gold']:>7.3f} | {'':>22} | seed student"
-    )
-    for row in rows:
-        live = serving_live(row) or {}
-        hold = row["holdout"]
-        sampled = live.get("escalation_rate", {}).get("sampled", "-")
-        print(
-            f"{row['round']:>5} | {row['served_escalation_rate']:>11.1%} | "
-            f"{ci(live.get('escalation_rate')):>24} | {sampled!s:>7} | "
-            f"{ci(live.get('cascade_agreement')):>24} | {hold['escalation_rate']:>12.1%} | "
-            f"{hold['cascade_rouge_l_gold']:>7.3f} | "
-            f"{drop_text(row.get('decision') or {}):>22} | {row['result']}"
-        )
+    print_table(rows, seed, ("ROUGE-L", "cascade_rouge_l_gold", ">7.3f"))
     final, target = summary["final"], summary["settings"]["target_agreement"]
     print(
         f"\nescalation needed for {target:.0%} agreement with the teacher (ROUGE-L >= "

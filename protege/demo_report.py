@@ -53,16 +53,7 @@ def print_round(row: dict[str, Any]) -> None:
         f"{lat['teacher']['p50']}/{lat['teacher']['p99']} ms, {row['failed_requests']} failed"
     )
     print(f"  {row['result']}: {row['reason']}")
-    decision = row.get("decision") or {}
-    for side in ("current", "candidate"):
-        figures = decision.get(side)
-        if figures:
-            print(
-                f"  live {side:9} {figures['version']}: escalation {ci(figures['escalation_rate'])}, "
-                f"cascade agreement {ci(figures['cascade_agreement'])}"
-            )
-    if gate_figure(decision) != "-":
-        print(f"  gate: {gate_figure(decision)}")
+    print_live(row.get("decision") or {})
     if row.get("calibration"):
         print(f"  thresholds calibrated on {row['calibration']['source']}")
     hold = row["holdout"]
@@ -81,17 +72,35 @@ def print_round(row: dict[str, Any]) -> None:
         )
 
 
-def print_summary(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+def print_live(decision: dict[str, Any]) -> None:
+    """Each student's live estimates with their intervals, and the gate's figure."""
+    for side in ("current", "candidate"):
+        figures = decision.get(side)
+        if figures:
+            print(
+                f"  live {side:9} {figures['version']}: escalation {ci(figures['escalation_rate'])}, "
+                f"cascade agreement {ci(figures['cascade_agreement'])}"
+            )
+    if gate_figure(decision) != "-":
+        print(f"  gate: {gate_figure(decision)}")
+
+
+def print_table(
+    rows: list[dict[str, Any]], seed: dict[str, Any], quality: tuple[str, str, str]
+) -> None:
+    """The per-round table: served and live escalation, the holdout, the gate's drop.
+    ``quality`` is the holdout's quality column: (header, holdout key, format spec)."""
+    name, key, spec = quality
+    width = int(spec.lstrip(">").split(".")[0])
     head = (
         f"{'round':>5} | {'served esc.':>11} | {'live esc. [95% CI]':>24} | {'sampled':>7} | "
-        f"{'live agreement':>24} | {'holdout esc.':>12} | {'gold acc':>8} | "
+        f"{'live agreement':>24} | {'holdout esc.':>12} | {name:>{width}} | "
         f"{'needed drop [bound]':>22} | result"
     )
     print("\n" + head + "\n" + "-" * len(head))
-    seed = summary["seed"]
     print(
         f"{0:>5} | {'':>11} | {'':>24} | {'':>7} | {'':>24} | {seed['escalation_rate']:>12.1%} | "
-        f"{seed['cascade_gold_accuracy']:>8.1%} | {'':>22} | seed student"
+        f"{seed[key]:{spec}} | {'':>22} | seed student"
     )
     for row in rows:
         live = serving_live(row) or {}
@@ -101,9 +110,14 @@ def print_summary(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
             f"{row['round']:>5} | {row['served_escalation_rate']:>11.1%} | "
             f"{ci(live.get('escalation_rate')):>24} | {sampled!s:>7} | "
             f"{ci(live.get('cascade_agreement')):>24} | {hold['escalation_rate']:>12.1%} | "
-            f"{hold['cascade_gold_accuracy']:>8.1%} | {drop_text(row.get('decision') or {}):>22} | "
+            f"{hold[key]:{spec}} | {drop_text(row.get('decision') or {}):>22} | "
             f"{row['result']}"
         )
+
+
+def print_summary(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    seed = summary["seed"]
+    print_table(rows, seed, ("gold acc", "cascade_gold_accuracy", ">8.1%"))
     final = summary["final"]
     print(
         f"\nescalation needed for a cascade within 1 point of the teacher's gold accuracy and at "

@@ -34,26 +34,12 @@ def generate_section(root: Path) -> dict[str, Any]:
 def generative_gateway(section: dict[str, Any], **args: Any) -> dict[str, Any]:
     """A Serve config of one gateway hosting the generative cascade ``section`` alone
     (``args``: more of the gateway's settings), validated."""
+    from distill.prepare import local_serve_config
     from serving.config import GatewayConfig
 
-    gateway_args = {"access": {"required": False}, **args, "generate": section}
-    GatewayConfig.model_validate(gateway_args)
-    replica = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    return {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": "127.0.0.1", "port": 8000},
-        "applications": [
-            {
-                "name": "protege",
-                "route_prefix": "/",
-                "import_path": "serving.app:build_app",
-                "args": gateway_args,
-                "deployments": [
-                    {"name": name, **replica} for name in ("Gateway", "GenerativeTeacher")
-                ],
-            }
-        ],
-    }
+    config = local_serve_config({**args, "generate": section}, "GenerativeTeacher")
+    GatewayConfig.model_validate(config["applications"][0]["args"])
+    return config
 
 
 def write_serve_config(cache: Path) -> Path:
